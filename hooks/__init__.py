@@ -1,0 +1,11 @@
+"""threelc.hooks: 3LC for PyTorch DDP (``ThreeLCState``, ``threelc_hook``).
+
+    from threelc.hooks import ThreeLCState, threelc_hook
+    ddp_model.register_comm_hook(ThreeLCState(sparsity=1.0), threelc_hook)
+
+Horovod users: ``threelc.hooks.horovod``.
+"""
+
+from .ddp import ThreeLCState, threelc_hook
+
+__all__ = ["ThreeLCState", "threelc_hook"]

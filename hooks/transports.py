@@ -1,0 +1,258 @@
+"""The three ways to run 3LC over collectives (3LC.md section 4).
+
+A transport turns one rank's flat gradient into the average over all ranks, the same
+bits on every rank. It owns its residual memories (the codec's ``ErrorFeedback``) and
+talks to the network only through a ``Collectives`` object, so the DDP hook and the
+Horovod optimizer share this code.
+
+Agreement comes before action: every data-dependent decision (a rank saw NaN/inf, a
+server could not decode its shard) travels inside a collective that every rank makes
+anyway, so all ranks take the same branch and none is left waiting. A step that any
+rank found non-finite returns NaN everywhere (a GradScaler then skips it) and stores
+no residual anywhere.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Hashable
+
+import torch
+
+from threelc import DecodeError, ErrorFeedback, decode_quantized, dequantize, encode_quantized
+from threelc.lanes import pack_lanes, unpack_lane_sums
+from threelc.quantize import quantize_with_scales, scales_from_absmax, segment_absmax
+
+from .collectives import Collectives
+
+# Status a server reports with its aggregate's size (sharded transport).
+OK, NOT_FINITE, UNDECODABLE = 0, 1, 2
+
+
+def split_segments(segments: list[int], shard_sizes: list[int]) -> list[list[int]]:
+    """Cut segment lengths at shard boundaries: the segments of each shard, in order.
+
+    A shard always has at least one (possibly empty) segment, so its payload has a scale.
+    """
+    shards, pending, index = [], list(segments), 0
+    for size in shard_sizes:
+        pieces = []
+        while size > 0:
+            while pending[index] == 0:
+                index += 1
+            take = min(size, pending[index])
+            pieces.append(take)
+            pending[index] -= take
+            size -= take
+        shards.append(pieces or [0])
+    return shards
+
+
+def shard_sizes(numel: int, world_size: int) -> list[int]:
+    """Near-equal contiguous shards; the first ``numel % world_size`` are one larger."""
+    return [numel // world_size + (1 if j < numel % world_size else 0) for j in range(world_size)]
+
+
+class Transport:
+    """Common parts: the collectives, the worker residuals, timing and a peer check."""
+
+    name = ""
+
+    def __init__(self, collectives: Collectives, sparsity: float, error_feedback: bool = True):
+        self.comm = collectives
+        self.memory = ErrorFeedback(sparsity, error_feedback)
+        self.seconds = {"encode": 0.0, "decode": 0.0}
+        self.zeros = 0  # ternary zeros this rank produced, for the stats
+
+    @property
+    def sparsity(self) -> float:
+        return self.memory.sparsity
+
+    def reduce(self, key: Hashable, grad: torch.Tensor, segments: list[int]) -> torch.Tensor:
+        """Average of ``grad`` (flat) over all ranks, as float32."""
+        raise NotImplementedError
+
+    def _timed(self, phase: str, start: float) -> None:
+        self.seconds[phase] += time.perf_counter() - start
+
+    def _count_zeros(self, q: torch.Tensor) -> None:
+        self.zeros += q.numel() - int(torch.count_nonzero(q))
+
+    @staticmethod
+    def _not_finite(numel: int, device: torch.device) -> torch.Tensor:
+        return torch.full((numel,), float("nan"), dtype=torch.float32, device=device)
+
+    @staticmethod
+    def _decode_peer(rank: int, payload: torch.Tensor, segments: list[int], what: str) -> torch.Tensor:
+        """Decode a payload from ``rank`` that must describe exactly ``segments``."""
+        try:
+            q, scales, header = decode_quantized(payload)
+        except DecodeError as error:
+            raise DecodeError(f"{what} from rank {rank}: {error}") from error
+        if header.segments != segments:
+            raise DecodeError(f"{what} from rank {rank} describes {header.numel} elements in "
+                              f"{len(header.segments)} segments; expected {sum(segments)} in {len(segments)}")
+        return dequantize(q, scales, segments)
+
+    def reset(self, key: Hashable) -> None:
+        """Forget every residual kept for ``key``."""
+        self.memory.reset(key)
+
+    def state_dict(self) -> dict:
+        return {"worker": self.memory.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.memory.load_state_dict(state["worker"])
+
+
+class AllgatherTransport(Transport):
+    """Each rank all-gathers every rank's full 3LC payload, decodes all N and averages."""
+
+    name = "allgather"
+
+    def reduce(self, key, grad, segments):
+        start = time.perf_counter()
+        quantized = self.memory.quantize(key, grad, segments)
+        payload = (encode_quantized(quantized.q, quantized.scale, segments, grad.dtype) if quantized.finite
+                   else torch.empty(0, dtype=torch.uint8, device=grad.device))
+        self._timed("encode", start)
+        meta = self.comm.allgather(torch.tensor([payload.numel(), quantized.finite], device=grad.device)).cpu()
+        if not bool(meta[:, 1].all()):
+            return self._not_finite(grad.numel(), grad.device)
+        payloads = self.comm.allgather_bytes(payload, meta[:, 0].tolist())
+        start = time.perf_counter()
+        total = torch.zeros(grad.numel(), dtype=torch.float32, device=grad.device)
+        for rank, peer_payload in enumerate(payloads):  # rank order: the same sum everywhere
+            if rank == self.comm.rank:
+                total += dequantize(quantized.q, quantized.scale, segments)
+            else:
+                total += self._decode_peer(rank, peer_payload, segments, "payload")
+        self._timed("decode", start)
+        self._count_zeros(quantized.q)
+        self.memory.commit(key, quantized)
+        return total.div_(self.comm.world_size)
+
+
+class AllreduceTransport(Transport):
+    """Ranks agree on one scale per segment (MAX), then sum lane-packed ternaries (SUM)."""
+
+    name = "allreduce"
+
+    def reduce(self, key, grad, segments):
+        world = self.comm.world_size
+        start = time.perf_counter()
+        compensated = self.memory.compensate(key, grad)
+        absmax = segment_absmax(compensated, segments)
+        finite = torch.isfinite(absmax)
+        # The last entry is a "some rank is not finite" flag; NaN itself would not survive MAX.
+        proposal = torch.cat([torch.where(finite, absmax, 0.0), (~finite.all()).float().reshape(1)])
+        self._timed("encode", start)
+        agreed = self.comm.allreduce(proposal, "max")
+        if agreed[-1].item() > 0:
+            return self._not_finite(grad.numel(), grad.device)
+        start = time.perf_counter()
+        scales = scales_from_absmax(agreed[:-1], self.sparsity)
+        q = quantize_with_scales(compensated, scales, segments)
+        words = pack_lanes(q, world)
+        self._timed("encode", start)
+        summed = self.comm.allreduce(words, "sum")
+        start = time.perf_counter()
+        average = dequantize(unpack_lane_sums(summed, grad.numel(), world), scales, segments).div_(world)
+        self._timed("decode", start)
+        self._count_zeros(q)
+        if self.memory.enabled:
+            self.memory.commit(key, compensated.sub_(dequantize(q, scales, segments)))
+        return average
+
+
+class ShardedTransport(Transport):
+    """Parameter-server 3LC on collectives: each rank serves 1/N of every bucket.
+
+    all-to-all the encoded shards, each server decodes and averages its shard,
+    re-encodes the average with its own server residual (two-way compression), and
+    the encoded averages are all-gathered.
+    """
+
+    name = "sharded"
+
+    def __init__(self, collectives, sparsity, error_feedback=True):
+        super().__init__(collectives, sparsity, error_feedback)
+        self.server_memory = ErrorFeedback(sparsity, error_feedback)
+
+    def reduce(self, key, grad, segments):
+        world, me, device = self.comm.world_size, self.comm.rank, grad.device
+        sizes = shard_sizes(grad.numel(), world)
+        pieces = split_segments(segments, sizes)
+        start = time.perf_counter()
+        quantized = self.memory.quantize(key, grad, [n for shard in pieces for n in shard])
+        empty = torch.empty(0, dtype=torch.uint8, device=device)
+        payloads = [empty] * world
+        if quantized.finite:
+            q_shards = quantized.q.split(sizes)
+            scale_shards = quantized.scale.split([len(p) for p in pieces])
+            payloads = [encode_quantized(q_shards[j], scale_shards[j], pieces[j], grad.dtype) for j in range(world)]
+        self._timed("encode", start)
+        send_sizes = [p.numel() for p in payloads]
+        meta = torch.tensor([[n, quantized.finite] for n in send_sizes], device=device).view(-1)
+        meta = self.comm.alltoall(meta, [2] * world, [2] * world).view(world, 2).cpu()
+        if not bool(meta[:, 1].all()):  # each rank told every peer its flag: all agree
+            return self._not_finite(grad.numel(), device)
+        recv_sizes = meta[:, 0].tolist()
+        received = self.comm.alltoall(torch.cat(payloads), send_sizes, recv_sizes).split(recv_sizes)
+
+        status, problem, served, aggregate = OK, "", None, empty
+        start = time.perf_counter()
+        try:
+            total = torch.zeros(sizes[me], dtype=torch.float32, device=device)
+            for rank, piece in enumerate(received):
+                total += self._decode_peer(rank, piece, pieces[me], "shard")
+            served = self.server_memory.quantize(key, total.div_(world), pieces[me])
+            if served.finite:
+                aggregate = encode_quantized(served.q, served.scale, pieces[me], grad.dtype)
+            else:
+                status = NOT_FINITE
+        except DecodeError as error:
+            status, problem = UNDECODABLE, str(error)
+        self._timed("decode", start)
+
+        meta = self.comm.allgather(torch.tensor([aggregate.numel(), status], device=device)).cpu()
+        statuses = meta[:, 1].tolist()
+        if UNDECODABLE in statuses:
+            servers = [r for r, s in enumerate(statuses) if s == UNDECODABLE]
+            raise DecodeError(f"server rank(s) {servers} could not decode their shard"
+                              + (f": {problem}" if problem else ""))
+        if NOT_FINITE in statuses:
+            return self._not_finite(grad.numel(), device)
+        aggregates = self.comm.allgather_bytes(aggregate, meta[:, 0].tolist())
+        start = time.perf_counter()
+        average = torch.cat([
+            dequantize(served.q, served.scale, pieces[me]) if rank == me
+            else self._decode_peer(rank, aggregates[rank], pieces[rank], "aggregate")
+            for rank in range(world)
+        ])
+        self._timed("decode", start)
+        self._count_zeros(quantized.q)
+        self.memory.commit(key, quantized)
+        self.server_memory.commit(key, served)
+        return average
+
+    def reset(self, key):
+        super().reset(key)
+        self.server_memory.reset(key)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "server": self.server_memory.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.server_memory.load_state_dict(state["server"])
+
+
+TRANSPORTS = {cls.name: cls for cls in (AllreduceTransport, AllgatherTransport, ShardedTransport)}
+
+
+def choose_transport(name: str, world_size: int) -> str:
+    """Resolve ``"auto"``: see the README's transport section for the measured rule."""
+    if name != "auto":
+        return name
+    return "allgather" if world_size <= 4 else "sharded"

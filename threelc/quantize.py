@@ -1,0 +1,149 @@
+"""3-value quantization with a sparsity multiplier (3LC.md section 1).
+
+    scale = max(|x|) * sparsity          (float32, one per segment)
+    q     = round(x / scale)             (int8 in {-1, 0, +1}, round half to even)
+
+Everything here is pure tensor code: no process groups, no host loops over elements.
+The only host synchronisation is one check that the scales are finite, so that a
+non-finite input can never produce out-of-range ternary values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .errors import ConfigurationError
+
+MIN_SPARSITY = 1.0
+MAX_SPARSITY = 2.0  # exclusive: at 2 every element would round to zero
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def check_sparsity(sparsity: float) -> float:
+    """Return ``sparsity`` as a float, or raise if it is outside [1, 2)."""
+    value = float(sparsity)
+    if not (MIN_SPARSITY <= value < MAX_SPARSITY):  # also rejects NaN
+        raise ConfigurationError(
+            f"sparsity must be in [{MIN_SPARSITY}, {MAX_SPARSITY}) (1 keeps the most, "
+            f"values near 2 the fewest elements); got {sparsity!r}"
+        )
+    return value
+
+
+def check_segments(segments: Sequence[int] | None, numel: int) -> list[int]:
+    """Normalise ``segments`` (lengths of consecutive slices) to a list of ints."""
+    if segments is None:
+        return [numel]
+    lengths = [int(n) for n in segments]
+    if any(n < 0 for n in lengths) or sum(lengths) != numel:
+        raise ConfigurationError(
+            f"segments must be non-negative lengths summing to numel={numel}; "
+            f"got {len(lengths)} lengths summing to {sum(lengths)}"
+        )
+    if not lengths:
+        raise ConfigurationError("segments must hold at least one length")
+    return lengths
+
+
+def _check_input(x: torch.Tensor) -> None:
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ConfigurationError(
+            f"threelc compresses float32, float16 and bfloat16 tensors; got {x.dtype}"
+        )
+
+
+def _absmax(values: torch.Tensor) -> torch.Tensor:
+    # aminmax reads the data once and allocates nothing of its size (abs() would).
+    low, high = torch.aminmax(values)
+    return torch.maximum(low.abs(), high.abs()).float()
+
+
+def segment_absmax(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """max(|x|) of each segment as float32 (0 for an empty segment)."""
+    maxima = torch.zeros(len(lengths), dtype=torch.float32, device=flat.device)
+    start = 0
+    for i, n in enumerate(lengths):
+        if n:
+            maxima[i] = _absmax(flat[start : start + n])
+        start += n
+    return maxima
+
+
+def scales_from_absmax(absmax: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """scale = max|x| * sparsity in float32, clamped so a finite max never overflows."""
+    scales = absmax.float() * torch.tensor(sparsity, dtype=torch.float32, device=absmax.device)
+    # clamp keeps scale >= max|x| (so |x / scale| <= 1) and leaves NaN/inf untouched,
+    # which is what the finiteness check downstream relies on.
+    return torch.where(torch.isfinite(absmax), scales.clamp(max=_FLOAT32_MAX), scales)
+
+
+def per_element(values: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Broadcastable per-element view of one value per segment."""
+    if len(lengths) == 1:
+        return values.reshape(())
+    counts = torch.tensor(lengths, device=values.device)
+    return torch.repeat_interleave(values, counts, output_size=sum(lengths))
+
+
+def quantize_with_scales(flat: torch.Tensor, scales: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """round(x / scale) as int8, given float32 scales (one per segment) that bound |x|.
+
+    Segments whose scale is 0 (all-zero input) or non-finite (NaN/inf input) give
+    q = 0; dequantize then yields 0 and NaN respectively.
+    """
+    finite = torch.isfinite(scales)
+    usable = finite & (scales > 0)
+    divisor = torch.where(usable, scales, torch.ones_like(scales))
+    ratio = flat.float() / per_element(divisor, lengths)
+    if not bool(finite.all()):
+        # A NaN/inf element would make round() undefined when cast to int8.
+        ratio = torch.where(per_element(finite, lengths), ratio, torch.zeros((), device=ratio.device))
+    return ratio.round_().to(torch.int8)
+
+
+def quantize(
+    x: torch.Tensor, sparsity: float = 1.0, segments: Sequence[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` to ternary values.
+
+    Returns ``(q, scale)``: ``q`` is int8 in {-1, 0, 1} with the shape of ``x``;
+    ``scale`` is a float32 0-dim tensor (``segments=None``) or a 1-D tensor with one
+    scale per segment, ``segments`` being the lengths of consecutive slices of the
+    flattened ``x`` (for example the parameters of one DDP bucket).
+
+    An all-zero input gives scale 0 and q = 0. A non-finite input gives a non-finite
+    scale and q = 0, so ``dequantize`` returns NaN for it rather than silently zeros.
+    """
+    _check_input(x)
+    sparsity = check_sparsity(sparsity)
+    flat = x.reshape(-1)
+    lengths = check_segments(segments, flat.numel())
+    scales = scales_from_absmax(segment_absmax(flat, lengths), sparsity)
+    q = quantize_with_scales(flat, scales, lengths).reshape(x.shape)
+    return q, (scales.reshape(()) if segments is None else scales)
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    segments: Sequence[int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``q * scale`` computed in float32 and returned as ``dtype`` (shape of ``q``)."""
+    flat = q.reshape(-1)
+    lengths = check_segments(segments, flat.numel())
+    scales = torch.as_tensor(scale, dtype=torch.float32, device=q.device).reshape(-1)
+    if scales.numel() != len(lengths):
+        raise ConfigurationError(f"{scales.numel()} scales given for {len(lengths)} segments")
+    decoded = torch.mul(flat, per_element(scales, lengths))  # int8 * float32 in one pass
+    # 0 * inf would be NaN anyway; 0 * NaN too: a non-finite scale poisons its segment.
+    return decoded.to(dtype).reshape(q.shape)
+
+
+def bits_per_element(payload_bytes: int, numel: int) -> float:
+    """Wire cost in bits per input element."""
+    return 8.0 * payload_bytes / numel if numel else math.nan
