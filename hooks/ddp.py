@@ -101,7 +101,12 @@ class ThreeLCState:
 
     def _start(self) -> None:
         self._world_size()
-        self._comm = TorchCollectives(self.process_group)
+        # A private group of the same ranks: DDP issues collectives of its own during
+        # backward (the unused-parameter map with find_unused_parameters=True) from
+        # its own thread, and sharing a group would let those interleave with ours
+        # differently on different ranks. Only member ranks take part in creating it.
+        ranks = dist.get_process_group_ranks(self.process_group or dist.group.WORLD)
+        self._comm = TorchCollectives(dist.new_group(ranks, use_local_synchronization=True))
         name = choose_transport(self.transport, self._comm.world_size)
         self._transport = TRANSPORTS[name](self._comm, self.sparsity, self.error_feedback)
         if self._pending is not None:

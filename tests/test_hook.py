@@ -1,0 +1,265 @@
+"""The DDP hook on real gloo ranks: exact against the codec reference, identical everywhere."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import threelc
+from threelc.hooks import ThreeLCState, threelc_hook
+
+from ranks import all_ok, run_ranks
+from reference import Reference
+
+SHAPES = [(40, 30), (30,), (7, 5, 3), (1,), (300,), (20, 20)]
+TRANSPORTS = ["allgather", "allreduce", "sharded"]
+
+
+class Carrier(nn.Module):
+    """loss = sum(p_i * g_i): the gradient of p_i is exactly the g_i we feed in."""
+
+    def __init__(self, shapes=SHAPES, dtype=torch.float32, unused=False):
+        super().__init__()
+        self.weights = nn.ParameterList(nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes)
+        self.unused = nn.Parameter(torch.zeros(UNUSED_SHAPE, dtype=dtype)) if unused else torch.empty(0)
+
+    def forward(self, grads):
+        return sum((p * g).sum() for p, g in zip(self.weights, grads))
+
+
+UNUSED_SHAPE = (3,)
+
+
+def gradients(rank, step, shapes=SHAPES, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(1000 * step + rank)
+    return [(torch.randn(s, generator=generator) * 10.0 ** -(i % 3)).to(dtype) for i, s in enumerate(shapes)]
+
+
+def train_carrier(rank, world, transport, sparsity=1.5, steps=6, dtype=torch.float32, bucket_view=False,
+                  unused=False, start_iter=1, poison=None):
+    """DDP over the carrier model; returns every step's averaged gradients and bucket layouts."""
+    model = Carrier(dtype=dtype, unused=unused)
+    ddp = DDP(model, bucket_cap_mb=0.0005, gradient_as_bucket_view=bucket_view, find_unused_parameters=unused)
+    state = ThreeLCState(sparsity=sparsity, transport=transport, start_iter=start_iter)
+    # The unused parameter gets the last index (model.parameters() would list it first).
+    index_of = {p.data_ptr(): i for i, p in enumerate([*model.weights, model.unused])}
+    layouts = {}
+
+    def recording_hook(state, bucket):
+        layouts[(state.iter, bucket.index())] = [index_of[p.data_ptr()] for p in bucket.parameters()]
+        return threelc_hook(state, bucket)
+
+    ddp.register_comm_hook(state, recording_hook)
+    history = []
+    for step in range(steps):
+        grads = gradients(rank, step, dtype=dtype)
+        if poison is not None and poison[:2] == (rank, step):
+            grads[poison[2]].view(-1)[0] = float("nan")
+        model.zero_grad()
+        ddp(grads).backward()
+        history.append([p.grad.detach().clone() for p in model.weights])
+    residuals_finite = all(bool(torch.isfinite(r).all()) for r in _residuals(state))
+    return {"history": history, "layouts": layouts, "stats": state.stats, "residuals_finite": residuals_finite}
+
+
+def run_scenarios(rank, world, scenarios):
+    """Several runs in one set of processes (process start-up dominates on 2 cores)."""
+    results = []
+    for scenario in scenarios:
+        try:
+            results.append(train_carrier(rank, world, **scenario))
+        except Exception as error:  # noqa: BLE001 - some scenarios are meant to fail
+            results.append({"error": f"{type(error).__name__}: {error}"})
+    return results
+
+
+def scenario_results(world, scenarios, workdir):
+    per_rank = all_ok(run_ranks(run_scenarios, world, scenarios, workdir=workdir))
+    return [[per_rank[r][i] for r in range(world)] for i in range(len(scenarios))]
+
+
+def _residuals(state):
+    saved = state.state_dict()["transport"]
+    for memory in ("worker", "server"):
+        if memory in saved:
+            yield from saved[memory]["residuals"].values()
+
+
+def reference_history(world, transport, sparsity, steps, layouts, start_iter=1, dtype=torch.float32):
+    reference = Reference(transport, world, sparsity)
+    expected = []
+    for step in range(steps):
+        per_rank = [gradients(r, step, dtype=dtype) + [torch.zeros(UNUSED_SHAPE, dtype=dtype)] for r in range(world)]
+        if step < start_iter:
+            expected.append(None)
+            continue
+        grads = [torch.zeros_like(g, dtype=torch.float32) for g in per_rank[0]]
+        buckets = sorted((b, params) for (it, b), params in layouts.items() if it == step)
+        assert buckets, "no bucket was recorded"
+        for index, params in buckets:
+            segments = [per_rank[0][i].numel() for i in params]
+            flat = [torch.cat([per_rank[r][i].reshape(-1) for i in params]) for r in range(world)]
+            average = reference.average(index, flat, segments).to(dtype).float()
+            for i, part in zip(params, average.split(segments)):
+                grads[i] = part.view_as(grads[i])
+        expected.append(grads[: len(SHAPES)])
+    return expected
+
+
+def same_bits(x, y):
+    """Bit equality, NaN included (torch.equal treats NaN as unequal to itself)."""
+    return x.dtype == y.dtype and torch.equal(x.view(-1).view(torch.int16 if x.element_size() == 2 else torch.int32),
+                                              y.view(-1).view(torch.int16 if y.element_size() == 2 else torch.int32))
+
+
+def assert_ranks_agree(results):
+    for other in results[1:]:
+        for a, b in zip(results[0]["history"], other["history"]):
+            assert all(same_bits(x, y) for x, y in zip(a, b)), "ranks disagree"
+
+
+def assert_matches_reference(result, world, transport, sparsity, dtype=torch.float32, start_iter=1):
+    steps = len(result["history"])
+    expected = reference_history(world, transport, sparsity, steps, result["layouts"], start_iter, dtype)
+    for step, (got, want) in enumerate(zip(result["history"], expected)):
+        if want is None:  # warm-up: plain all-reduce in gloo's own summation order
+            mean = [sum(g[i] for g in (gradients(r, step, dtype=dtype) for r in range(world))) / world
+                    for i in range(len(SHAPES))]
+            assert all(torch.allclose(x.float(), m.float(), atol=1e-2) for x, m in zip(got, mean))
+            continue
+        for i, (x, y) in enumerate(zip(got, want)):
+            assert torch.equal(x.float(), y), f"step {step} param {i}: hook differs from the codec reference"
+
+
+@pytest.fixture(scope="module")
+def exact_runs(tmp_path_factory):
+    """For each world size, one process set running every transport."""
+    cache = {}
+
+    def get(world):
+        if world not in cache:
+            scenarios = [{"transport": t} for t in TRANSPORTS]
+            results = scenario_results(world, scenarios, tmp_path_factory.mktemp(f"world{world}"))
+            cache[world] = dict(zip(TRANSPORTS, results))
+        return cache[world]
+    return get
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_hook_equals_codec_reference_and_ranks_agree(world, transport, exact_runs):
+    results = exact_runs(world)[transport]
+    assert_ranks_agree(results)
+    assert max(b for _, b in results[0]["layouts"]) >= 2, "the test needs several buckets"
+    assert_matches_reference(results[0], world, transport, 1.5)
+    stats = results[0]["stats"]
+    assert stats["compressed_steps"] == len(results[0]["history"]) - 1 and stats["transport"] == transport
+    assert 0 < stats["bytes_sent"] < stats["uncompressed_bytes"]
+
+
+VARIANTS = {
+    "fp16": {"transport": "allgather", "sparsity": 1.2, "steps": 4, "dtype": torch.float16},
+    "bf16": {"transport": "allgather", "sparsity": 1.2, "steps": 4, "dtype": torch.bfloat16},
+    **{f"bucket-view-unused-{t}": {"transport": t, "steps": 4, "bucket_view": True, "unused": True}
+       for t in TRANSPORTS},
+}
+
+
+@pytest.fixture(scope="module")
+def variant_runs(tmp_path_factory):
+    results = scenario_results(2, list(VARIANTS.values()), tmp_path_factory.mktemp("variants"))
+    return dict(zip(VARIANTS, results))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_dtypes_bucket_views_and_unused_parameters(variant, variant_runs):
+    settings, results = VARIANTS[variant], variant_runs[variant]
+    assert_ranks_agree(results)
+    dtype = settings.get("dtype", torch.float32)
+    assert results[0]["history"][-1][0].dtype == dtype
+    assert_matches_reference(results[0], 2, settings["transport"], settings.get("sparsity", 1.5), dtype)
+
+
+@pytest.fixture(scope="module")
+def non_finite_runs(tmp_path_factory):
+    scenarios = [{"transport": t, "steps": 5, "poison": (1, 2, 0)} for t in TRANSPORTS]  # rank 1, step 2, param 0
+    return dict(zip(TRANSPORTS, scenario_results(3, scenarios, tmp_path_factory.mktemp("nonfinite"))))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_non_finite_gradient_on_one_rank(transport, non_finite_runs):
+    bad_step, results = 2, non_finite_runs[transport]
+    for result in results:
+        assert result["residuals_finite"]
+        assert result["history"][bad_step][0].isnan().any(), "every rank must see the overflow"
+        for step, grads in enumerate(result["history"]):
+            if step != bad_step:
+                assert all(torch.isfinite(g).all() for g in grads)
+    assert_ranks_agree(results)
+
+
+MISMATCHES = {"sparsity": 1.25, "transport": "sharded", "start_iter": 3}
+
+
+def mismatched(rank, world):
+    results = []
+    for field, other in MISMATCHES.items():
+        settings = {"transport": "allgather", "sparsity": 1.5, "start_iter": 1, "steps": 3}
+        if rank == 1:
+            settings[field] = other
+        results.append(run_scenarios(rank, world, [settings])[0])
+    return results
+
+
+def test_mismatched_settings_fail_on_every_rank(tmp_path):
+    per_rank = all_ok(run_ranks(mismatched, 2, workdir=tmp_path, timeout=120))
+    for rank_results in per_rank:
+        for field, result in zip(MISMATCHES, rank_results):
+            assert "settings differ across ranks" in result.get("error", ""), field
+
+
+def subgroup_run(rank, world):
+    group = dist.new_group([0, 1])
+    if rank == 2:
+        return None
+    model = Carrier()
+    ddp = DDP(model, process_group=group, bucket_cap_mb=0.0005)
+    ddp.register_comm_hook(ThreeLCState(process_group=group, sparsity=1.3, transport="sharded", start_iter=1),
+                           threelc_hook)
+    for step in range(4):
+        model.zero_grad()
+        ddp(gradients(rank, step)).backward()
+    return [p.grad.clone() for p in model.weights]
+
+
+def test_sub_process_group(tmp_path):
+    results = all_ok(run_ranks(subgroup_run, 3, workdir=tmp_path))
+    assert results[2] is None
+    assert all(torch.equal(x, y) for x, y in zip(results[0], results[1]))
+
+
+def test_state_validation_and_pickling():
+    with pytest.raises(threelc.ConfigurationError, match="transport"):
+        ThreeLCState(transport="ring")
+    with pytest.raises(ValueError, match=r"\[1.0, 2.0\)"):
+        ThreeLCState(sparsity=2.0)
+    with pytest.raises(threelc.ConfigurationError, match="start_iter"):
+        ThreeLCState(start_iter=-1)
+    state = ThreeLCState(sparsity=1.7, transport="sharded", start_iter=5)
+    state.iter = 9
+    restored = pickle.loads(pickle.dumps(state))
+    assert (restored.sparsity, restored.transport, restored.start_iter, restored.iter) == (1.7, "sharded", 5, 9)
+    buffer = io.BytesIO()
+    torch.save(state.state_dict(), buffer)
+    buffer.seek(0)
+    other = ThreeLCState(sparsity=1.7, transport="sharded", start_iter=5)
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    assert other.iter == 9
+    with pytest.raises(threelc.ConfigurationError, match="differ"):
+        ThreeLCState(sparsity=1.2, transport="sharded", start_iter=5).load_state_dict(state.state_dict())
