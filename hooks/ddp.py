@@ -49,13 +49,16 @@ class ThreeLCState:
             compression), or ``"auto"`` (allgather up to 4 ranks, sharded above).
         start_iter: plain averaging all-reduce for the first ``start_iter``
             iterations; DDP rebuilds its buckets after the first one, and residuals
-            are kept per bucket index.
+            are kept per parameter.
         error_feedback: keep residuals (off only for experiments: 3LC is biased without).
 
     All ranks must use the same settings; the first hook call compares them across
     ranks and raises :class:`threelc.ConfigurationError` on every rank if they differ.
     ``state.stats`` reports traffic, compression and codec time; ``state_dict()`` and
     pickling carry every residual into checkpoints (the process group is not pickled).
+    Residuals belong to parameters, not buckets, so DDP's bucket rebuild after the
+    first iteration and restarts from a checkpoint keep every residual with its
+    parameter; resume with the same model, ``bucket_cap_mb`` and world size.
     """
 
     def __init__(
@@ -87,7 +90,13 @@ class ThreeLCState:
         self._transport = None
         self._pipeline = CommPipeline()
         self._settings_checked = False
-        self._layouts: dict[int, tuple[int, ...]] = {}
+        # Residuals are kept per parameter, keyed by the parameter's position in the
+        # buckets of this process's first iteration. That layout is DDP's initial one,
+        # the same in every fresh process, so keys survive DDP's bucket rebuild and
+        # restarts from checkpoints alike.
+        self._param_ids: dict[int, int] = {}
+        self._first_layout: list[list[int]] = []
+        self._saved_first_layout: list[list[int]] | None = None
         self._pending: dict | None = None
         self._totals = dict.fromkeys(("steps", "compressed_steps", *_STAT_KEYS), 0)
         self._last_step = dict.fromkeys(_STAT_KEYS, 0)
@@ -139,19 +148,36 @@ class ThreeLCState:
         raise ConfigurationError("threelc settings differ across ranks; every rank must build ThreeLCState "
                                  "with the same arguments:\n  " + "\n  ".join(rows))
 
-    def _reduce_bucket(self, index: int, buffer: torch.Tensor, segments: list[int], compress: bool, last: bool):
+    def _keys(self, bucket: dist.GradBucket, segments: list[int]) -> list[int]:
+        """Stable residual keys for the parameters of ``bucket`` (main thread, bucket order)."""
+        params = bucket.parameters()
+        if any(p.data_ptr() not in self._param_ids for p in params):
+            for p in params:
+                self._param_ids.setdefault(p.data_ptr(), len(self._param_ids))
+            self._first_layout.append(segments)
+            saved = self._saved_first_layout
+            index = len(self._first_layout) - 1
+            if saved is not None and (index >= len(saved) or saved[index] != segments):
+                warnings.warn("threelc: DDP's bucket layout differs from the checkpoint's (another model or "
+                              "bucket_cap_mb?); residuals are reset", RuntimeWarning)
+                self._saved_first_layout = None
+                self._pipeline.submit(self._transport_reset, bucket.buffer().device)
+        return [self._param_ids[p.data_ptr()] for p in params]
+
+    def _transport_reset(self):
+        self._transport.memory.reset()
+        if hasattr(self._transport, "server_memory"):
+            self._transport.server_memory.reset()
+
+    def _reduce_bucket(self, keys: list[int], buffer: torch.Tensor, segments: list[int], compress: bool,
+                       last: bool):
         comm = self._comm
         sent, received = comm.bytes_sent, comm.bytes_received
         if not self._settings_checked:
             self._check_settings(buffer.device)
         if compress:
-            if self._layouts.get(index, tuple(segments)) != tuple(segments):
-                warnings.warn(f"threelc: bucket {index} changed its parameter layout; its residuals are reset",
-                              RuntimeWarning)
-                self._transport.reset(index)
-            self._layouts[index] = tuple(segments)
             zeros, seconds = self._transport.zeros, dict(self._transport.seconds)
-            buffer.copy_(self._transport.reduce(index, buffer, segments))
+            buffer.copy_(self._transport.reduce(keys, buffer, segments))
             self._current["zeros"] += self._transport.zeros - zeros
             self._current["encode_seconds"] += self._transport.seconds["encode"] - seconds["encode"]
             self._current["decode_seconds"] += self._transport.seconds["decode"] - seconds["decode"]
@@ -201,7 +227,7 @@ class ThreeLCState:
         transport = self._transport.state_dict() if self._transport is not None else self._pending
         world = self._comm.world_size if self._comm is not None else (self._pending or {}).get("world_size")
         return {"version": STATE_VERSION, "settings": self._settings(), "iter": self.iter,
-                "world_size": world, "layouts": {k: list(v) for k, v in self._layouts.items()},
+                "world_size": world, "first_layout": [list(b) for b in self._first_layout],
                 "transport": transport and {**transport, "world_size": world, "name": self.transport_name}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -211,7 +237,7 @@ class ThreeLCState:
         if state["settings"] != self._settings():
             raise ConfigurationError(f"checkpointed hook settings {state['settings']} differ from {self._settings()}")
         self.iter = int(state["iter"])
-        self._layouts = {int(k): tuple(v) for k, v in state["layouts"].items()}
+        self._saved_first_layout = [list(b) for b in state["first_layout"]] or None
         if state["transport"] is None:
             return
         if self._transport is None:
@@ -250,8 +276,8 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
     if sum(segments) != buffer.numel():  # unexpected layout: one scale for the bucket
         segments = [buffer.numel()]
     compress = state.iter >= state.start_iter
-    index, last = bucket.index(), bucket.is_last()
+    keys, last = state._keys(bucket, segments), bucket.is_last()
     if last:
         state.iter += 1
-    job = lambda: state._reduce_bucket(index, buffer, segments, compress, last)  # noqa: E731
+    job = lambda: state._reduce_bucket(keys, buffer, segments, compress, last)  # noqa: E731
     return state._pipeline.submit(job, buffer.device)

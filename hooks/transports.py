@@ -29,28 +29,9 @@ from .collectives import Collectives
 OK, NOT_FINITE, UNDECODABLE = 0, 1, 2
 
 
-def split_segments(segments: list[int], shard_sizes: list[int]) -> list[list[int]]:
-    """Cut segment lengths at shard boundaries: the segments of each shard, in order.
-
-    A shard always has at least one (possibly empty) segment, so its payload has a scale.
-    """
-    shards, pending, index = [], list(segments), 0
-    for size in shard_sizes:
-        pieces = []
-        while size > 0:
-            while pending[index] == 0:
-                index += 1
-            take = min(size, pending[index])
-            pieces.append(take)
-            pending[index] -= take
-            size -= take
-        shards.append(pieces or [0])
-    return shards
-
-
-def shard_sizes(numel: int, world_size: int) -> list[int]:
-    """Near-equal contiguous shards; the first ``numel % world_size`` are one larger."""
-    return [numel // world_size + (1 if j < numel % world_size else 0) for j in range(world_size)]
+def shard_lengths(length: int, world_size: int) -> list[int]:
+    """Near-equal contiguous shards of one tensor; the first ``length % world_size`` are one larger."""
+    return [length // world_size + (1 if j < length % world_size else 0) for j in range(world_size)]
 
 
 class Transport:
@@ -68,8 +49,12 @@ class Transport:
     def sparsity(self) -> float:
         return self.memory.sparsity
 
-    def reduce(self, key: Hashable, grad: torch.Tensor, segments: list[int]) -> torch.Tensor:
-        """Average of ``grad`` (flat) over all ranks, as float32."""
+    def reduce(self, keys: list[Hashable], grad: torch.Tensor, segments: list[int]) -> torch.Tensor:
+        """Average of ``grad`` (flat) over all ranks, as float32.
+
+        ``segments`` are the lengths of the tensors packed in ``grad`` (one scale each)
+        and ``keys`` name them, so each keeps its residual however they are grouped.
+        """
         raise NotImplementedError
 
     def _timed(self, phase: str, start: float) -> None:
@@ -94,10 +79,6 @@ class Transport:
                               f"{len(header.segments)} segments; expected {sum(segments)} in {len(segments)}")
         return dequantize(q, scales, segments)
 
-    def reset(self, key: Hashable) -> None:
-        """Forget every residual kept for ``key``."""
-        self.memory.reset(key)
-
     def state_dict(self) -> dict:
         return {"worker": self.memory.state_dict()}
 
@@ -110,9 +91,9 @@ class AllgatherTransport(Transport):
 
     name = "allgather"
 
-    def reduce(self, key, grad, segments):
+    def reduce(self, keys, grad, segments):
         start = time.perf_counter()
-        quantized = self.memory.quantize(key, grad, segments)
+        quantized = self.memory.quantize(keys, grad, segments)
         payload = (encode_quantized(quantized.q, quantized.scale, segments, grad.dtype) if quantized.finite
                    else torch.empty(0, dtype=torch.uint8, device=grad.device))
         self._timed("encode", start)
@@ -129,7 +110,7 @@ class AllgatherTransport(Transport):
                 total += self._decode_peer(rank, peer_payload, segments, "payload")
         self._timed("decode", start)
         self._count_zeros(quantized.q)
-        self.memory.commit(key, quantized)
+        self.memory.commit(keys, quantized, segments)
         return total.div_(self.comm.world_size)
 
 
@@ -138,10 +119,10 @@ class AllreduceTransport(Transport):
 
     name = "allreduce"
 
-    def reduce(self, key, grad, segments):
+    def reduce(self, keys, grad, segments):
         world = self.comm.world_size
         start = time.perf_counter()
-        compensated = self.memory.compensate(key, grad)
+        compensated = self.memory.compensate(keys, grad, segments)
         absmax = segment_absmax(compensated, segments)
         finite = torch.isfinite(absmax)
         # The last entry is a "some rank is not finite" flag; NaN itself would not survive MAX.
@@ -161,16 +142,17 @@ class AllreduceTransport(Transport):
         self._timed("decode", start)
         self._count_zeros(q)
         if self.memory.enabled:
-            self.memory.commit(key, compensated.sub_(dequantize(q, scales, segments)))
+            self.memory.commit(keys, compensated.sub_(dequantize(q, scales, segments)), segments)
         return average
 
 
 class ShardedTransport(Transport):
-    """Parameter-server 3LC on collectives: each rank serves 1/N of every bucket.
+    """Parameter-server 3LC on collectives: each rank serves 1/N of every tensor.
 
     all-to-all the encoded shards, each server decodes and averages its shard,
     re-encodes the average with its own server residual (two-way compression), and
-    the encoded averages are all-gathered.
+    the encoded averages are all-gathered. Shards are cut per tensor, not per
+    bucket, so the result does not depend on how tensors are grouped into buckets.
     """
 
     name = "sharded"
@@ -179,18 +161,22 @@ class ShardedTransport(Transport):
         super().__init__(collectives, sparsity, error_feedback)
         self.server_memory = ErrorFeedback(sparsity, error_feedback)
 
-    def reduce(self, key, grad, segments):
+    def reduce(self, keys, grad, segments):
         world, me, device = self.comm.world_size, self.comm.rank, grad.device
-        sizes = shard_sizes(grad.numel(), world)
-        pieces = split_segments(segments, sizes)
+        # shards[j][i]: length of server j's piece of tensor i. Worker quantization uses
+        # one scale per (tensor, server) piece, in bucket order.
+        shards = list(zip(*(shard_lengths(n, world) for n in segments)))
+        refined = [shards[j][i] for i in range(len(segments)) for j in range(world)]
+        worker_keys = [(k, j) for k in keys for j in range(world)]
         start = time.perf_counter()
-        quantized = self.memory.quantize(key, grad, [n for shard in pieces for n in shard])
+        quantized = self.memory.quantize(worker_keys, grad, refined)
         empty = torch.empty(0, dtype=torch.uint8, device=device)
         payloads = [empty] * world
         if quantized.finite:
-            q_shards = quantized.q.split(sizes)
-            scale_shards = quantized.scale.split([len(p) for p in pieces])
-            payloads = [encode_quantized(q_shards[j], scale_shards[j], pieces[j], grad.dtype) for j in range(world)]
+            q_pieces = quantized.q.split(refined)
+            scales = quantized.scale.view(len(segments), world)
+            payloads = [encode_quantized(torch.cat(q_pieces[j::world]), scales[:, j].contiguous(), list(shards[j]),
+                                         grad.dtype) for j in range(world)]
         self._timed("encode", start)
         send_sizes = [p.numel() for p in payloads]
         meta = torch.tensor([[n, quantized.finite] for n in send_sizes], device=device).view(-1)
@@ -200,15 +186,16 @@ class ShardedTransport(Transport):
         recv_sizes = meta[:, 0].tolist()
         received = self.comm.alltoall(torch.cat(payloads), send_sizes, recv_sizes).split(recv_sizes)
 
+        mine = list(shards[me])
         status, problem, served, aggregate = OK, "", None, empty
         start = time.perf_counter()
         try:
-            total = torch.zeros(sizes[me], dtype=torch.float32, device=device)
+            total = torch.zeros(sum(mine), dtype=torch.float32, device=device)
             for rank, piece in enumerate(received):
-                total += self._decode_peer(rank, piece, pieces[me], "shard")
-            served = self.server_memory.quantize(key, total.div_(world), pieces[me])
+                total += self._decode_peer(rank, piece, mine, "shard")
+            served = self.server_memory.quantize(list(keys), total.div_(world), mine)
             if served.finite:
-                aggregate = encode_quantized(served.q, served.scale, pieces[me], grad.dtype)
+                aggregate = encode_quantized(served.q, served.scale, mine, grad.dtype)
             else:
                 status = NOT_FINITE
         except DecodeError as error:
@@ -225,20 +212,17 @@ class ShardedTransport(Transport):
             return self._not_finite(grad.numel(), device)
         aggregates = self.comm.allgather_bytes(aggregate, meta[:, 0].tolist())
         start = time.perf_counter()
-        average = torch.cat([
-            dequantize(served.q, served.scale, pieces[me]) if rank == me
-            else self._decode_peer(rank, aggregates[rank], pieces[rank], "aggregate")
+        averaged = [
+            (dequantize(served.q, served.scale, mine) if rank == me
+             else self._decode_peer(rank, aggregates[rank], list(shards[rank]), "aggregate")).split(shards[rank])
             for rank in range(world)
-        ])
+        ]
+        average = torch.cat([averaged[j][i] for i in range(len(segments)) for j in range(world)])
         self._timed("decode", start)
         self._count_zeros(quantized.q)
-        self.memory.commit(key, quantized)
-        self.server_memory.commit(key, served)
+        self.memory.commit(worker_keys, quantized, refined)
+        self.server_memory.commit(list(keys), served, mine)
         return average
-
-    def reset(self, key):
-        super().reset(key)
-        self.server_memory.reset(key)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "server": self.server_memory.state_dict()}

@@ -84,6 +84,7 @@ def test_size_change_resets_with_a_warning():
     with pytest.warns(RuntimeWarning, match="resetting"):
         memory.step(3, torch.randn(12))
     assert memory.residuals[3].numel() == 12
+    assert memory.residuals[3].numel() == 12
 
 
 def test_segments_are_quantized_separately():
@@ -107,3 +108,24 @@ def test_state_dict_round_trip_is_weights_only_loadable():
     a, b = memory.step(1, x), restored.step(1, x)
     assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale)
     assert torch.equal(memory.residuals[1], restored.residuals[1])
+
+
+def test_per_segment_keys_follow_their_tensor_across_regrouping():
+    """One residual per key: regrouping the same tensors keeps every residual with its tensor."""
+    torch.manual_seed(3)
+    a, b, c = torch.randn(5), torch.randn(7), torch.randn(3)
+    grouped = threelc.ErrorFeedback(1.5)
+    grouped.step(["a", "b"], torch.cat([a, b]), [5, 7])
+    grouped.step(["c"], c, [3])
+    alone = threelc.ErrorFeedback(1.5)
+    for key, x in (("a", a), ("b", b), ("c", c)):
+        alone.step([key], x, [x.numel()])
+    for key in "abc":
+        assert torch.equal(grouped.residuals[key], alone.residuals[key])
+    # regroup: c and a together, b alone; compensation must use each tensor's own residual
+    x = torch.cat([c, a])
+    expected = x + torch.cat([alone.residuals["c"], alone.residuals["a"]])
+    assert torch.equal(grouped.compensate(["c", "a"], x, [3, 5]), expected)
+    first = grouped.step(["c", "a"], x, [3, 5])
+    second = alone.step(["c", "a"], x, [3, 5])
+    assert torch.equal(first.q, second.q) and torch.equal(first.scale, second.scale)

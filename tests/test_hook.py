@@ -105,7 +105,7 @@ def reference_history(world, transport, sparsity, steps, layouts, start_iter=1, 
         for index, params in buckets:
             segments = [per_rank[0][i].numel() for i in params]
             flat = [torch.cat([per_rank[r][i].reshape(-1) for i in params]) for r in range(world)]
-            average = reference.average(index, flat, segments).to(dtype).float()
+            average = reference.average(params, flat, segments).to(dtype).float()
             for i, part in zip(params, average.split(segments)):
                 grads[i] = part.view_as(grads[i])
         expected.append(grads[: len(SHAPES)])
@@ -119,6 +119,8 @@ def same_bits(x, y):
 
 
 def assert_ranks_agree(results):
+    for result in results:
+        assert "error" not in result, result.get("error")
     for other in results[1:]:
         for a, b in zip(results[0]["history"], other["history"]):
             assert all(same_bits(x, y) for x, y in zip(a, b)), "ranks disagree"

@@ -11,7 +11,7 @@ the small values error feedback exists to carry.
 from __future__ import annotations
 
 import warnings
-from typing import Hashable, NamedTuple, Sequence
+from typing import Hashable, List, NamedTuple, Sequence, Union
 
 import torch
 
@@ -27,48 +27,75 @@ class Quantized(NamedTuple):
     residual: torch.Tensor | None  # what quantization lost; None when disabled or not finite
 
 
-class ErrorFeedback:
-    """Holds one residual per key and quantizes with it.
+Keys = Union[Hashable, List[Hashable]]
 
-    ``step(key, x, segments)`` compensates ``x`` with the key's residual, quantizes,
-    and stores what quantization lost. If ``x`` holds NaN or inf the residual is left
-    exactly as it was and ``finite`` is False in the result (the scales are then
-    non-finite, so decoding yields NaN: a GradScaler downstream still sees the overflow).
+
+class ErrorFeedback:
+    """Holds residuals by key and quantizes with them.
+
+    ``step(key, x, segments)`` compensates ``x`` with its residual, quantizes, and
+    stores what quantization lost. ``key`` names one residual for all of ``x``; a
+    *list* of keys, one per segment, stores one residual per segment instead, so the
+    same parameter keeps its residual however tensors are grouped from step to step
+    (DDP regroups its buckets after the first iteration, and on every restart).
+
+    If ``x`` holds NaN or inf the residual is left exactly as it was and ``finite``
+    is False in the result (the scales are then non-finite, so decoding yields NaN:
+    a GradScaler downstream still sees the overflow).
 
     Collective users split the step in two: ``quantize`` computes the new residual
     without storing it, and ``commit`` stores it once every rank agreed the step
     counts (a step that any rank found non-finite is dropped everywhere).
 
-    A key whose input changes size gets a fresh residual and a warning, never a
-    misapplied one. ``enabled=False`` quantizes without any residual.
+    A residual whose size no longer matches is reset with a warning, never
+    misapplied. ``enabled=False`` quantizes without any residual.
     """
 
     def __init__(self, sparsity: float = 1.0, enabled: bool = True):
         self.sparsity = check_sparsity(sparsity)
         self.enabled = bool(enabled)
         self.residuals: dict[Hashable, torch.Tensor] = {}
+        # Residuals committed together are views into one tensor; while every key of a
+        # group still points into it, the next step uses it whole instead of a cat().
+        self._blocks: dict[tuple, torch.Tensor] = {}
+        self._owner: dict[Hashable, tuple] = {}
 
-    def compensate(self, key: Hashable, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _layout(key: Keys, lengths: list[int]) -> tuple[tuple, list[int]]:
+        if isinstance(key, list):
+            if len(key) != len(lengths):
+                raise ValueError(f"{len(key)} keys given for {len(lengths)} segments")
+            return tuple(key), lengths
+        return (key,), [sum(lengths)]
+
+    def compensate(self, key: Keys, x: torch.Tensor, segments: Sequence[int] | None = None) -> torch.Tensor:
         """``x + residual`` as a new flat float32 tensor (``x`` is not modified)."""
         flat = x.reshape(-1)
-        residual = self.residuals.get(key) if self.enabled else None
-        if residual is not None and (residual.numel() != flat.numel() or residual.device != flat.device):
-            warnings.warn(
-                f"threelc: residual for {key!r} holds {residual.numel()} elements but the input has "
-                f"{flat.numel()}; resetting it (did the bucket layout change?)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            del self.residuals[key]
-            residual = None
-        if residual is None:
+        if not self.enabled:
             return flat.to(torch.float32, copy=True)
-        return flat.float().add(residual)
+        keys, sizes = self._layout(key, check_segments(segments, flat.numel()))
+        block = self._blocks.get(keys)
+        if (block is not None and block.numel() == flat.numel() and block.device == flat.device
+                and all(self._owner.get(k) == keys for k in keys)):
+            return flat.float().add(block)
+        pieces = []
+        for k, n in zip(keys, sizes):
+            residual = self.residuals.get(k)
+            if residual is not None and (residual.numel() != n or residual.device != flat.device):
+                warnings.warn(f"threelc: residual {k!r} holds {residual.numel()} elements but its tensor has {n}; "
+                              "resetting it (did the model or its bucketing change?)", RuntimeWarning, stacklevel=3)
+                self._forget(k)
+                residual = None
+            pieces.append(residual)
+        if all(p is None for p in pieces):
+            return flat.to(torch.float32, copy=True)
+        zeros = [torch.zeros(n, dtype=torch.float32, device=flat.device) for n in sizes]
+        return flat.float().add(torch.cat([p if p is not None else z for p, z in zip(pieces, zeros)]))
 
-    def quantize(self, key: Hashable, x: torch.Tensor, segments: Sequence[int] | None = None) -> Quantized:
+    def quantize(self, key: Keys, x: torch.Tensor, segments: Sequence[int] | None = None) -> Quantized:
         """Compensate and quantize; the new residual is returned, not stored."""
         lengths = check_segments(segments, x.numel())
-        compensated = self.compensate(key, x)
+        compensated = self.compensate(key, x, lengths)
         q, scales = quantize(compensated, self.sparsity, lengths)
         finite = bool(torch.isfinite(scales).all())
         residual = None
@@ -76,24 +103,38 @@ class ErrorFeedback:
             residual = compensated.sub_(dequantize(q, scales, lengths))
         return Quantized(q, scales, finite, residual)
 
-    def commit(self, key: Hashable, result: Quantized | torch.Tensor | None) -> None:
+    def commit(self, key: Keys, residual: Quantized | torch.Tensor | None,
+               segments: Sequence[int] | None = None) -> None:
         """Store the residual of a step every rank agreed on (None: nothing to store)."""
-        residual = result.residual if isinstance(result, Quantized) else result
-        if residual is not None:
-            self.residuals[key] = residual
+        if isinstance(residual, Quantized):
+            residual = residual.residual
+        if residual is None:
+            return
+        keys, sizes = self._layout(key, check_segments(segments, residual.numel()))
+        for k in keys:
+            self._forget(k)
+        self._blocks[keys] = residual
+        for k, view in zip(keys, residual.split(sizes)):
+            self.residuals[k] = view
+            self._owner[k] = keys
 
-    def step(self, key: Hashable, x: torch.Tensor, segments: Sequence[int] | None = None) -> Quantized:
+    def step(self, key: Keys, x: torch.Tensor, segments: Sequence[int] | None = None) -> Quantized:
         """``quantize`` then ``commit``: the single-process use."""
         result = self.quantize(key, x, segments)
-        self.commit(key, result)
+        self.commit(key, result, segments)
         return result
 
-    def reset(self, key: Hashable | None = None) -> None:
-        """Forget one residual, or all of them."""
-        if key is None:
-            self.residuals.clear()
-        else:
-            self.residuals.pop(key, None)
+    def _forget(self, key: Hashable) -> None:
+        self.residuals.pop(key, None)
+        owner = self._owner.pop(key, None)
+        if owner is not None:
+            self._blocks.pop(owner, None)
+
+    def reset(self) -> None:
+        """Forget every residual."""
+        self.residuals.clear()
+        self._blocks.clear()
+        self._owner.clear()
 
     def state_dict(self) -> dict:
         """Tensors and plain types only (loads with ``torch.load(weights_only=True)``)."""
@@ -106,4 +147,5 @@ class ErrorFeedback:
     def load_state_dict(self, state: dict) -> None:
         self.sparsity = check_sparsity(state["sparsity"])
         self.enabled = bool(state["enabled"])
+        self.reset()
         self.residuals = {key: r.detach().clone() for key, r in state["residuals"].items()}

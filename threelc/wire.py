@@ -81,7 +81,9 @@ def encode_quantized(
                          q.numel(), body.numel(), len(lengths), 0)
     prefix += np.asarray(lengths, dtype="<u8").tobytes()
     prefix_tensor = torch.frombuffer(bytearray(prefix), dtype=torch.uint8).to(q.device)
-    return torch.cat([prefix_tensor, scales.view(torch.uint8), body])
+    # A fresh buffer: a strided view (even of one element) cannot be reinterpreted as bytes.
+    scale_bytes = torch.empty(len(lengths), dtype=torch.float32, device=q.device).copy_(scales).view(torch.uint8)
+    return torch.cat([prefix_tensor, scale_bytes, body])
 
 
 def encode(
