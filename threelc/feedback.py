@@ -15,7 +15,7 @@ from typing import Hashable, List, NamedTuple, Sequence, Union
 
 import torch
 
-from .quantize import check_segments, check_sparsity, dequantize, quantize
+from .quantize import check_segments, check_sparsity, quantize, subtract_decoded
 
 
 class Quantized(NamedTuple):
@@ -100,7 +100,7 @@ class ErrorFeedback:
         finite = bool(torch.isfinite(scales).all())
         residual = None
         if self.enabled and finite:
-            residual = compensated.sub_(dequantize(q, scales, lengths))
+            residual = subtract_decoded(compensated, q, scales, lengths)
         return Quantized(q, scales, finite, residual)
 
     def commit(self, key: Keys, residual: Quantized | torch.Tensor | None,

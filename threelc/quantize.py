@@ -10,9 +10,9 @@ non-finite input can never produce out-of-range ternary values.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .errors import ConfigurationError
@@ -84,9 +84,38 @@ def scales_from_absmax(absmax: torch.Tensor, sparsity: float) -> torch.Tensor:
 def per_element(values: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     """Broadcastable per-element view of one value per segment."""
     if len(lengths) == 1:
-        return values.reshape(())
+        # Shape (1,), not (): a 0-dim tensor would not take part in type promotion,
+        # and a bf16 input would then be compared against a bf16-rounded threshold.
+        return values.reshape(1)
     counts = torch.tensor(lengths, device=values.device)
     return torch.repeat_interleave(values, counts, output_size=sum(lengths))
+
+
+def round_thresholds(scales: torch.Tensor) -> torch.Tensor:
+    """Per scale, the smallest float32 t with fl(t / scale) > 0.5, as a float32 tensor.
+
+    For |x| <= scale, ``round(x / scale)`` (half to even) is +1 exactly when
+    ``x >= t`` and -1 exactly when ``x <= -t``, so quantization needs two
+    comparisons instead of a division and a rounding pass. The search runs on the
+    host in numpy float32, whose division is IEEE correctly rounded like torch's on
+    every device. A zero scale gives t = inf and a non-finite one t = NaN: every
+    comparison is then false and q = 0.
+    """
+    values = scales.detach().to("cpu", torch.float32).numpy()
+    half = np.float32(0.5)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        usable = np.isfinite(values) & (values > 0)
+        safe = np.where(usable, values, np.float32(1))
+        t = half * safe
+        for _ in range(64):  # two steps at most for normal scales; subnormals take more
+            lower = np.nextafter(t, np.float32(0))
+            step_down = (lower / safe > half) & (lower > 0)
+            step_up = ~(t / safe > half)
+            if not (step_down.any() or step_up.any()):
+                break
+            t = np.where(step_down, lower, np.where(step_up, np.nextafter(t, np.float32(np.inf)), t))
+        t = np.where(usable, t, np.where(values == 0, np.float32(np.inf), np.float32(np.nan)))
+    return torch.from_numpy(t.astype(np.float32)).to(scales.device)
 
 
 def quantize_with_scales(flat: torch.Tensor, scales: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -95,14 +124,9 @@ def quantize_with_scales(flat: torch.Tensor, scales: torch.Tensor, lengths: list
     Segments whose scale is 0 (all-zero input) or non-finite (NaN/inf input) give
     q = 0; dequantize then yields 0 and NaN respectively.
     """
-    finite = torch.isfinite(scales)
-    usable = finite & (scales > 0)
-    divisor = torch.where(usable, scales, torch.ones_like(scales))
-    ratio = flat.float() / per_element(divisor, lengths)
-    if not bool(finite.all()):
-        # A NaN/inf element would make round() undefined when cast to int8.
-        ratio = torch.where(per_element(finite, lengths), ratio, torch.zeros((), device=ratio.device))
-    return ratio.round_().to(torch.int8)
+    threshold = per_element(round_thresholds(scales), lengths)
+    # bool is one byte of 0/1, so the comparisons reinterpret as int8 without a copy.
+    return torch.ge(flat, threshold).view(torch.int8) - torch.le(flat, -threshold).view(torch.int8)
 
 
 def quantize(
@@ -144,6 +168,7 @@ def dequantize(
     return decoded.to(dtype).reshape(q.shape)
 
 
-def bits_per_element(payload_bytes: int, numel: int) -> float:
-    """Wire cost in bits per input element."""
-    return 8.0 * payload_bytes / numel if numel else math.nan
+def subtract_decoded(compensated: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+                     lengths: list[int]) -> torch.Tensor:
+    """``compensated -= q * scale`` in place (the new residual), without a decoded temporary."""
+    return compensated.addcmul_(q, per_element(scales, lengths), value=-1)

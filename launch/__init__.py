@@ -1,0 +1,1 @@
+"""Launch scripts: model factories, torchrun entry point, demo and network testbed."""
