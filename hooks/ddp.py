@@ -5,15 +5,15 @@ registration, and string annotations fail that check.
 """
 
 
+import datetime
 import struct
-import time
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from threelc import ConfigurationError, check_sparsity
+from threelc import CommunicationError, ConfigurationError, ThreeLCError, check_sparsity
 from threelc.lanes import lanes_per_word
 
 from .collectives import TorchCollectives
@@ -51,6 +51,11 @@ class ThreeLCState:
             iterations; DDP rebuilds its buckets after the first one, and residuals
             are kept per parameter.
         error_feedback: keep residuals (off only for experiments: 3LC is biased without).
+        timeout: collective timeout of threelc's own process group (it mirrors
+            ``process_group``'s ranks); pass the ``timeout`` you gave
+            ``init_process_group`` (default: torch's default for the backend). When a
+            peer dies or hangs, the others raise ``threelc.CommunicationError``
+            naming the step and bucket once it expires.
 
     All ranks must use the same settings; the first hook call compares them across
     ranks and raises :class:`threelc.ConfigurationError` on every rank if they differ.
@@ -68,6 +73,7 @@ class ThreeLCState:
         transport: str = "allgather",
         start_iter: int = 2,
         error_feedback: bool = True,
+        timeout: Optional[datetime.timedelta] = None,
     ):
         if transport not in TRANSPORT_CHOICES:
             raise ConfigurationError(f"transport must be one of {TRANSPORT_CHOICES}; got {transport!r}")
@@ -78,6 +84,7 @@ class ThreeLCState:
         self.transport = transport
         self.start_iter = int(start_iter)
         self.error_feedback = bool(error_feedback)
+        self.timeout = timeout
         self.iter = 0
         self._reset_runtime()
         if process_group is not None or dist.is_initialized():
@@ -115,7 +122,8 @@ class ThreeLCState:
         # its own thread, and sharing a group would let those interleave with ours
         # differently on different ranks. Only member ranks take part in creating it.
         ranks = dist.get_process_group_ranks(self.process_group or dist.group.WORLD)
-        self._comm = TorchCollectives(dist.new_group(ranks, use_local_synchronization=True))
+        group = dist.new_group(ranks, timeout=self.timeout, use_local_synchronization=True)
+        self._comm = TorchCollectives(group)
         name = choose_transport(self.transport, self._comm.world_size)
         self._transport = TRANSPORTS[name](self._comm, self.sparsity, self.error_feedback)
         if self._pending is not None:
@@ -169,8 +177,18 @@ class ThreeLCState:
         if hasattr(self._transport, "server_memory"):
             self._transport.server_memory.reset()
 
-    def _reduce_bucket(self, keys: list[int], buffer: torch.Tensor, segments: list[int], compress: bool,
-                       last: bool):
+    def _reduce_bucket(self, step: int, index: int, keys: list[int], buffer: torch.Tensor,
+                       segments: list[int], compress: bool, last: bool):
+        try:
+            return self._average_bucket(keys, buffer, segments, compress, last)
+        except ThreeLCError as error:
+            raise type(error)(f"threelc step {step}, bucket {index}: {error}") from error
+        except Exception as error:  # noqa: BLE001 - a collective failed: a peer died, hung or left
+            raise CommunicationError(f"threelc step {step}, bucket {index} ({self.transport_name} transport): "
+                                     f"{type(error).__name__}: {error}") from error
+
+    def _average_bucket(self, keys: list[int], buffer: torch.Tensor, segments: list[int], compress: bool,
+                        last: bool):
         comm = self._comm
         sent, received = comm.bytes_sent, comm.bytes_received
         if not self._settings_checked:
@@ -199,6 +217,13 @@ class ThreeLCState:
         for key in _STAT_KEYS:
             self._totals[key] += self._last_step[key]
 
+    def close(self) -> None:
+        """Stop the communication thread once its queued work is done (idempotent).
+
+        Optional: it also happens at interpreter exit. A later hook call restarts it.
+        """
+        self._pipeline.close()
+
     # ------------------------------------------------------------------ reporting
 
     @property
@@ -221,6 +246,9 @@ class ThreeLCState:
     def _settings(self) -> dict:
         return {"sparsity": self.sparsity, "transport": self.transport, "start_iter": self.start_iter,
                 "error_feedback": self.error_feedback}
+
+    def _arguments(self) -> dict:
+        return {**self._settings(), "timeout": self.timeout}
 
     def state_dict(self) -> dict:
         """Settings, iteration and every residual: tensors and plain types only."""
@@ -255,10 +283,10 @@ class ThreeLCState:
         self._transport.load_state_dict(saved)
 
     def __getstate__(self) -> dict:
-        return {"settings": self._settings(), "state": self.state_dict()}
+        return {"arguments": self._arguments(), "state": self.state_dict()}
 
     def __setstate__(self, pickled: dict) -> None:
-        self.__init__(None, **pickled["settings"])
+        self.__init__(None, **pickled["arguments"])
         self.load_state_dict(pickled["state"])
 
 
@@ -276,8 +304,8 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
     if sum(segments) != buffer.numel():  # unexpected layout: one scale for the bucket
         segments = [buffer.numel()]
     compress = state.iter >= state.start_iter
-    keys, last = state._keys(bucket, segments), bucket.is_last()
+    keys, index, last, step = state._keys(bucket, segments), bucket.index(), bucket.is_last(), state.iter
     if last:
         state.iter += 1
-    job = lambda: state._reduce_bucket(keys, buffer, segments, compress, last)  # noqa: E731
+    job = lambda: state._reduce_bucket(step, index, keys, buffer, segments, compress, last)  # noqa: E731
     return state._pipeline.submit(job, buffer.device)

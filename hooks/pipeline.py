@@ -11,11 +11,24 @@ while backward goes on computing the next buckets.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from typing import Callable
 
 import torch
+
+# Pipelines with a live thread. At interpreter exit each is closed (its thread joined)
+# before torch's C++ runtime is torn down: a daemon thread still inside torch at that
+# point aborts the process ("terminate called without an active exception").
+_RUNNING: "weakref.WeakSet[CommPipeline]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for pipeline in list(_RUNNING):
+        pipeline.close(timeout=30.0)
 
 
 class CommPipeline:
@@ -31,6 +44,7 @@ class CommPipeline:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
             self._thread.start()
+            _RUNNING.add(self)
         if device.type == "cuda":
             # The job must see the gradients the caller's stream produced; the future
             # records the job stream's work so DDP's consumer waits for it in turn.
@@ -59,9 +73,10 @@ class CommPipeline:
             except BaseException as error:  # noqa: BLE001 - the future carries it to backward()
                 future.set_exception(error)
 
-    def close(self) -> None:
-        """Let the thread finish once the queued jobs are done."""
+    def close(self, timeout: float | None = None) -> None:
+        """Let the thread finish the queued jobs and stop (a later submit starts a new one)."""
         if self._thread is not None and self._thread.is_alive():
             self._jobs.put(None)
-            self._thread.join()
+            self._thread.join(timeout)
         self._thread = None
+        _RUNNING.discard(self)

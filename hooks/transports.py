@@ -21,7 +21,7 @@ import torch
 
 from threelc import DecodeError, ErrorFeedback, decode_quantized, dequantize, encode_quantized
 from threelc.lanes import pack_lanes, unpack_lane_sums
-from threelc.quantize import quantize_with_scales, scales_from_absmax, segment_absmax
+from threelc.quantize import quantize_with_scales, scales_from_absmax, segment_absmax, subtract_decoded
 
 from .collectives import Collectives
 
@@ -142,7 +142,7 @@ class AllreduceTransport(Transport):
         self._timed("decode", start)
         self._count_zeros(q)
         if self.memory.enabled:
-            self.memory.commit(keys, compensated.sub_(dequantize(q, scales, segments)), segments)
+            self.memory.commit(keys, subtract_decoded(compensated, q, scales, segments), segments)
         return average
 
 

@@ -80,23 +80,10 @@ class Comm:
         return {"sent": self._sent, "received": self._sent, "uncompressed": self._uncompressed}
 
     def close(self) -> None:
-        """Stop the hook's helper thread before the interpreter exits.
-
-        The 3LC hook runs its collectives on a daemon thread; if the process
-        exits while that thread is still inside C++ (e.g. finishing a
-        future's ``set_result``), finalization kills it mid-frame and the
-        process aborts ("terminate called without an active exception",
-        seen on a loaded 2-core machine, ~1 run in 5).  Joining it first
-        avoids that.  Uses ``state.close()`` if the hook grows one, else the
-        pipeline's own ``close()`` (as hooks/horovod.py does).
-        """
+        """Stop the 3LC hook's communication thread (it also stops at interpreter exit)."""
         close = getattr(self.state, "close", None)
         if callable(close):
             close()
-            return
-        pipeline = getattr(self.state, "_pipeline", None)
-        if pipeline is not None and callable(getattr(pipeline, "close", None)):
-            pipeline.close()
 
     # -- checkpointing (tensors and plain types only) ------------------------
     def state_dict(self) -> dict | None:

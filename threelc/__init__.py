@@ -6,7 +6,7 @@ result in a versioned, self-describing payload. Framework integration lives in
 ``threelc.hooks``.
 """
 
-from .errors import ConfigurationError, DecodeError, ThreeLCError
+from .errors import CommunicationError, ConfigurationError, DecodeError, ThreeLCError
 from .feedback import ErrorFeedback, Quantized
 from .packing import pack, packed_length, unpack
 from .quantize import check_sparsity, dequantize, quantize
@@ -16,7 +16,7 @@ from .zre import zre_decode, zre_encode
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigurationError", "DecodeError", "ErrorFeedback", "Header", "Quantized", "ThreeLCError",
+    "CommunicationError", "ConfigurationError", "DecodeError", "ErrorFeedback", "Header", "Quantized", "ThreeLCError",
     "check_sparsity", "decode", "decode_quantized", "dequantize", "encode", "encode_quantized",
     "pack", "packed_length", "quantize", "read_header", "unpack", "zre_decode", "zre_encode",
 ]

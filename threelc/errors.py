@@ -11,3 +11,7 @@ class ConfigurationError(ThreeLCError, ValueError):
 
 class DecodeError(ThreeLCError, ValueError):
     """A payload is truncated, corrupted, of another version, or otherwise not 3LC."""
+
+
+class CommunicationError(ThreeLCError, RuntimeError):
+    """A collective failed or timed out (a peer died or hung); says which step and bucket."""
