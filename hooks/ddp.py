@@ -16,7 +16,7 @@ import torch.distributed as dist
 from threelc import CommunicationError, ConfigurationError, ThreeLCError, check_sparsity
 from threelc.lanes import lanes_per_word
 
-from .collectives import TorchCollectives
+from .collectives import Collectives, TorchCollectives
 from .pipeline import CommPipeline
 from .transports import TRANSPORTS, choose_transport
 
@@ -93,7 +93,7 @@ class ThreeLCState:
     # ------------------------------------------------------------------ runtime
 
     def _reset_runtime(self) -> None:
-        self._comm: TorchCollectives | None = None
+        self._comm: Collectives | None = None
         self._transport = None
         self._pipeline = CommPipeline()
         self._settings_checked = False
@@ -109,21 +109,29 @@ class ThreeLCState:
         self._last_step = dict.fromkeys(_STAT_KEYS, 0)
         self._current = dict.fromkeys(_STAT_KEYS, 0)
 
-    def _world_size(self) -> int:
-        world = dist.get_world_size(self.process_group)
-        if self.transport == "allreduce":
-            lanes_per_word(world)  # raises ConfigurationError when even one lane cannot fit
-        return world
+    built_by = "ThreeLCState"  # named in the settings-mismatch error
 
-    def _start(self) -> None:
-        self._world_size()
+    def _group_size(self) -> int:
+        return dist.get_world_size(self.process_group)
+
+    def _make_collectives(self) -> Collectives:
         # A private group of the same ranks: DDP issues collectives of its own during
         # backward (the unused-parameter map with find_unused_parameters=True) from
         # its own thread, and sharing a group would let those interleave with ours
         # differently on different ranks. Only member ranks take part in creating it.
         ranks = dist.get_process_group_ranks(self.process_group or dist.group.WORLD)
         group = dist.new_group(ranks, timeout=self.timeout, use_local_synchronization=True)
-        self._comm = TorchCollectives(group)
+        return TorchCollectives(group)
+
+    def _world_size(self) -> int:
+        world = self._group_size()
+        if self.transport == "allreduce":
+            lanes_per_word(world)  # raises ConfigurationError when even one lane cannot fit
+        return world
+
+    def _start(self) -> None:
+        self._world_size()
+        self._comm = self._make_collectives()
         name = choose_transport(self.transport, self._comm.world_size)
         self._transport = TRANSPORTS[name](self._comm, self.sparsity, self.error_feedback)
         if self._pending is not None:
@@ -153,7 +161,7 @@ class ThreeLCState:
             transport = TRANSPORT_CHOICES[row[1]] if 0 <= row[1] < len(TRANSPORT_CHOICES) else row[1]
             rows.append(f"rank {rank}: transport={transport} sparsity={sparsity} start_iter={row[3]} "
                         f"error_feedback={bool(row[4])} (state version {row[0]})")
-        raise ConfigurationError("threelc settings differ across ranks; every rank must build ThreeLCState "
+        raise ConfigurationError(f"threelc settings differ across ranks; every rank must build {self.built_by} "
                                  "with the same arguments:\n  " + "\n  ".join(rows))
 
     def _keys(self, bucket: dist.GradBucket, segments: list[int]) -> list[int]:

@@ -62,7 +62,6 @@ from typing import Iterable
 import torch
 
 from threelc import ConfigurationError
-from threelc.lanes import lanes_per_word
 
 try:
     import horovod.torch as hvd
@@ -75,7 +74,6 @@ except ImportError as _error:  # pragma: no cover - exercised by a subprocess te
 
 from .collectives import Collectives
 from .ddp import ThreeLCState
-from .transports import TRANSPORTS, choose_transport
 
 __all__ = ["DistributedOptimizer", "HorovodCollectives", "HorovodThreeLCState"]
 
@@ -170,20 +168,13 @@ class HorovodThreeLCState(ThreeLCState):
         super()._reset_runtime()
         self._failed: ConfigurationError | None = None
 
-    def _world_size(self) -> int:
-        world = hvd.size()
-        if self.transport == "allreduce":
-            lanes_per_word(world)  # raises ConfigurationError when even one lane cannot fit
-        return world
+    built_by = "threelc.hooks.horovod.DistributedOptimizer"
 
-    def _start(self) -> None:
-        self._world_size()
-        self._comm = HorovodCollectives()
-        name = choose_transport(self.transport, self._comm.world_size)
-        self._transport = TRANSPORTS[name](self._comm, self.sparsity, self.error_feedback)
-        if self._pending is not None:
-            self._load_transport_state(self._pending)
-            self._pending = None
+    def _group_size(self) -> int:
+        return hvd.size()
+
+    def _make_collectives(self) -> HorovodCollectives:
+        return HorovodCollectives()
 
     def _extra_tensor(self) -> torch.Tensor:
         return torch.tensor([int(self.extra[k]) for k in _EXTRA_FIELDS], dtype=torch.int64)
@@ -200,8 +191,7 @@ class HorovodThreeLCState(ThreeLCState):
             rows = self._comm.allgather(self._extra_tensor().to(device)).cpu().tolist()
             lines = [f"rank {rank}: op={_OP_NAMES.get(op, op)} backward_passes_per_step={passes} "
                      f"bucket layout digest {digest:016x}" for rank, (op, passes, digest) in enumerate(rows)]
-            message = str(error).replace("build ThreeLCState", "build threelc.hooks.horovod.DistributedOptimizer")
-            self._failed = ConfigurationError(message + "\n  " + "\n  ".join(lines))
+            self._failed = ConfigurationError(str(error) + "\n  " + "\n  ".join(lines))
             raise self._failed from None
 
     def _reduce_bucket(self, *args, **kwargs):

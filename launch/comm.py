@@ -154,6 +154,7 @@ def setup_comm(
     error_feedback: bool = True,
     powersgd_rank: int = 2,
     seed: int = 0,
+    timeout=None,
 ) -> Comm:
     """Register the comm hook for ``kind`` on ``ddp`` and return its :class:`Comm`.
 
@@ -198,6 +199,7 @@ def setup_comm(
             transport=transport,
             start_iter=start_iter,
             error_feedback=error_feedback,
+            timeout=timeout,
         )
         ddp.register_comm_hook(state, threelc_hook)
         return Comm(kind, ddp, state, {"sparsity": sparsity, "transport": transport})

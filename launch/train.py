@@ -49,6 +49,8 @@ from launch.comm import KINDS, TRANSPORTS, setup_comm
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--framework", choices=["torch", "horovod"], default="torch",
+                   help="horovod: run under horovodrun with hooks none/fp16/threelc (launch/train_horovod.py)")
     p.add_argument("--model", default="digits-cnn", choices=sorted(models.TASKS))
     p.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="task-specific option for models.build (e.g. width=1024), repeatable")
@@ -163,6 +165,10 @@ def sync(device: torch.device) -> None:
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
+    if args.framework == "horovod":
+        from launch import train_horovod
+
+        return train_horovod.run(args)
     torch.set_num_threads(args.threads)
     rank, world, device = init_distributed(args)
     try:
@@ -199,7 +205,8 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict | None:
         prime_buckets(ddp, task, rank, world, start_step, device)
     comm = setup_comm(ddp, args.hook, sparsity=args.sparsity, transport=args.transport,
                       start_iter=args.start_iter, error_feedback=not args.no_error_feedback,
-                      powersgd_rank=args.powersgd_rank, seed=args.seed)
+                      powersgd_rank=args.powersgd_rank, seed=args.seed,
+                      timeout=datetime.timedelta(seconds=args.dist_timeout))
     opt = task.make_optimizer(ddp.parameters(), lr=args.lr, kind=args.optimizer)
 
     if ckpt is not None:

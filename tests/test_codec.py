@@ -252,3 +252,39 @@ def test_encode_accepts_any_shape_and_decode_bytes():
     payload = threelc.encode(x)
     assert torch.equal(threelc.decode(bytes(payload.numpy())), threelc.decode(payload))
     assert threelc.decode(payload).shape == (60,)
+
+
+def test_whole_payload_matches_docs_example():
+    """The worked example in docs/wire-format.md, byte for byte."""
+    payload = bytes(threelc.encode(torch.tensor([1.0, -1.0, 0.0])).numpy())
+    assert payload.hex() == (
+        "334c4300" "01010100" "0300000000000000" "0100000000000000" "01000000" "00000000"
+        "0300000000000000" "0000803f" "af"
+    )
+
+
+def _division_reference(x, scale):
+    return torch.round(x.float() / scale).to(torch.int8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(min_value=1.401298464324817e-45, max_value=3.3999999521443642e+38, width=32), st.data())
+def test_threshold_quantizer_equals_round_of_division(scale_value, data):
+    """Comparisons against the rounding thresholds give exactly round(x / scale)."""
+    scale = torch.tensor(scale_value, dtype=torch.float32)
+    from threelc.quantize import quantize_with_scales, round_thresholds
+    t = round_thresholds(scale.reshape(1))[0]
+    near = [t, torch.nextafter(t, torch.tensor(0.0)), torch.nextafter(t, torch.tensor(float("inf"))), scale * 0.5, scale]
+    extra = data.draw(st.lists(st.floats(0, 1, width=32), max_size=20))
+    x = torch.stack([v.reshape(()) for v in near] + [scale * v for v in torch.tensor(extra, dtype=torch.float32)])
+    x = torch.cat([x, -x]).clamp(-scale, scale)
+    assert torch.equal(quantize_with_scales(x, scale.reshape(1), [x.numel()]), _division_reference(x, scale))
+
+
+@pytest.mark.parametrize("scale", [1e-45, 3e-45, 1.1754942e-38, 1.0, 0.1, 3.3e38])
+def test_threshold_quantizer_at_extreme_scales(scale):
+    from threelc.quantize import quantize_with_scales
+    scale = torch.tensor(scale, dtype=torch.float32)
+    x = torch.linspace(-1, 1, 2001) * scale
+    x = torch.cat([x, torch.nextafter(x, torch.zeros(())), torch.nextafter(x, x.sign() * float("inf"))]).clamp(-scale, scale)
+    assert torch.equal(quantize_with_scales(x, scale.reshape(1), [x.numel()]), _division_reference(x, scale))
