@@ -25,11 +25,12 @@ def flat_params(model):
 
 
 def digits_run(rank, world, hook, steps, start_step=0, save_at=None, save_to=None, load_from=None,
-               bucket_cap_mb=0.02, lr=None):
+               bucket_cap_mb=0.02, cosine=False):
     """Train digits-cnn under DDP; ``hook`` is None or ThreeLCState kwargs."""
     task = models.build("digits-cnn", seed=0)
     model = task.model
-    optimizer = task.make_optimizer(model.parameters(), lr=lr)
+    optimizer = task.make_optimizer(model.parameters())
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if cosine else None
     state = ThreeLCState(**hook) if hook is not None else None
     if load_from is not None:
         checkpoint = torch.load(load_from.format(rank=rank), weights_only=True)
@@ -47,17 +48,25 @@ def digits_run(rank, world, hook, steps, start_step=0, save_at=None, save_to=Non
         optimizer.zero_grad()
         task.loss_fn(ddp(x), y).backward()
         optimizer.step()
+        if schedule is not None:
+            schedule.step()
     return {"params": flat_params(model), "metrics": task.evaluate(model),
             "stats": state.stats if state is not None else None}
 
 
 def convergence(rank, world, configs, steps):
-    # lr 0.02 rather than the task's 0.05: with momentum 0.9, the bursts that error
-    # feedback releases at high sparsity oscillate at 0.05 (measured: 86-95% at s=1.75).
-    return {name: digits_run(rank, world, hook, steps, lr=0.02) for name, hook in configs.items()}
+    return {name: digits_run(rank, world, hook, steps, cosine=True) for name, hook in configs.items()}
 
 
-CONFIGS = {"none": None, **{f"{t}-{s}": {"transport": t, "sparsity": s} for t in TRANSPORTS for s in (1.0, 1.75)}}
+# A cosine learning-rate schedule and 100 uncompressed warm-up steps (start_iter) of 600.
+# Measured on this task (4 ranks, final test accuracy): with start_iter=2 and the task's
+# constant lr, s=1.75 oscillates (allreduce 42%, sharded 12% after 300 steps): each step
+# sends about one element per tensor at 1.75x its magnitude, and error feedback's delayed
+# bursts meet momentum 0.9. With the schedule and warm-up every transport lands within
+# 0.3 points of the baseline (README, "Convergence").
+WARMUP = 100
+CONFIGS = {"none": None, **{f"{t}-{s}": {"transport": t, "sparsity": s, "start_iter": WARMUP}
+                            for t in TRANSPORTS for s in (1.0, 1.75)}}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +85,10 @@ def test_digits_cnn_converges_like_uncompressed(config, converged):
     for rank in range(1, 4):  # every replica holds the same parameters
         assert torch.equal(converged[rank][config]["params"], result["params"])
     stats = result["stats"]
-    assert stats["ratio"] > 5, stats  # warm-up included; see the README for per-transport figures
+    assert stats["compressed_steps"] == 600 - WARMUP
+    # A compressed step: lane packing caps allreduce at 64 / 15 = 4.3 bits per value for
+    # 4 ranks (7.5x); the zero-run encoded transports go far lower.
+    assert stats["last_step"]["ratio"] > (7 if config.startswith("allreduce") else 20), stats
 
 
 def checkpoint_runs(rank, world, template, resume):
