@@ -4,10 +4,9 @@
 
 Trains ``digits-cnn`` twice under ``torchrun --standalone --nproc-per-node 2``
 -- once with DDP's own fp32 all-reduce (``--hook none``), once with 3LC
-(``--hook threelc --sparsity 1.75``) -- and prints the gradient traffic per
+(``--hook threelc --sparsity 1.0``) -- and prints the gradient traffic per
 step each rank hands to the collectives, the reduction ratio and the final
-test accuracy of both.  Until the 3LC hook exists (``threelc.hooks``) the
-second run falls back to ``fp16`` so the demo still works end to end.
+test accuracy of both. ``--compare fp16`` (or any train.py hook) swaps the second run.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch.runner import RunError, run_standalone, threelc_available
+from launch.runner import RunError, run_standalone
 
 
 def _fmt_bytes(n: float | None) -> str:
@@ -66,20 +65,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="3LC vs DDP all-reduce on digits-cnn, 2 CPU processes")
     p.add_argument("--model", default="digits-cnn")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--sparsity", type=float, default=1.75)
+    p.add_argument("--sparsity", type=float, default=1.0)
     p.add_argument("--transport", default="allgather")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compare", default="auto",
-                   help="hook to compare against none: auto (threelc if available, else fp16) or any train.py --hook")
+    p.add_argument("--compare", default="threelc", help="hook to compare against none (any train.py --hook)")
     p.add_argument("--json", default=None, metavar="PATH", help="write both result objects here")
     args = p.parse_args(argv)
 
     hook = args.compare
-    if hook == "auto":
-        hook = "threelc" if threelc_available() else "fp16"
-        if hook != "threelc":
-            print("note: threelc.hooks.ThreeLCState not available yet; comparing against fp16", file=sys.stderr)
     common = ["--model", args.model, "--steps", str(args.steps), "--seed", str(args.seed), "--no-progress"]
     runs = [["--hook", "none"], ["--hook", hook]]
     if hook == "threelc":
