@@ -33,6 +33,9 @@ def worker_env(extra: dict | None = None) -> dict:
     runs on are small and shared, and torchrun would set it anyway (noisily)."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
+    # torch 2.13: restarted torchrun workers can read the dead attempt's gloo addresses
+    # from the shared rendezvous store (pytorch/pytorch#135712).
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # Workers import launch.* by path; make the repo importable regardless of cwd.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.update(extra or {})

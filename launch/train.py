@@ -21,9 +21,19 @@ rebuild and the hooks' plain all-reduce warm-up (``--start-iter``).
 
 ``--checkpoint PATH`` saves model, optimizer, step, per-rank RNG and per-rank
 hook state every ``--checkpoint-every`` steps (atomically) and resumes from
-PATH when it exists.  ``--wire-iface IFACE`` (set by launch/netlab.py) also
-reports the bytes that crossed that network interface during the measured
-steps, per rank.
+PATH when it exists (rank 0 logs the resume to stderr).  ``--wire-iface
+IFACE`` (set by launch/netlab.py) also reports the bytes that crossed that
+network interface during the measured steps, per rank.
+
+``--fault-kill-at-step N`` is a testing aid (tests/test_faults.py), not a
+feature: rank 1 SIGKILLs itself at the start of step N, but only in torchrun's
+first attempt (``TORCHELASTIC_RESTART_COUNT=0``), so that under
+``torchrun --max-restarts 1`` (or more) the restarted job resumes from
+``--checkpoint`` and runs through.  Elastic restarts need
+``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in torchrun's environment (torch
+2.13): otherwise restarted workers can read the dead attempt's gloo
+addresses from the shared store and fail in ``init_process_group``
+("connectFullMesh failed ... Connection refused"; pytorch/pytorch#135712).
 """
 
 from __future__ import annotations
@@ -32,6 +42,8 @@ import argparse
 import datetime
 import json
 import os
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -82,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--no-prime-buckets", action="store_true",
                    help="on a PowerSGD resume, skip the two throw-away passes that settle DDP's bucket layout")
+    p.add_argument("--fault-kill-at-step", type=int, default=None, metavar="N",
+                   help="testing aid: rank 1 SIGKILLs itself at the start of step N in torchrun's first attempt "
+                        "only (TORCHELASTIC_RESTART_COUNT=0), to exercise elastic restarts")
     return p.parse_args(argv)
 
 
@@ -158,6 +173,25 @@ def prime_buckets(ddp, task, rank: int, world: int, step: int, device: torch.dev
         p.grad = None
 
 
+def inject_fault(args, rank: int, step: int) -> None:
+    """``--fault-kill-at-step``: a testing aid that simulates a worker crash.
+
+    SIGKILL: no exception, no atexit handlers, no goodbye to the peers, as when
+    the OOM killer or a dying machine takes a worker.  Only rank 1, and only in
+    torchrun's first attempt (without torchrun the variable is unset: no kill),
+    so the restarted job runs through.  First it copies the checkpoint that the
+    restart will resume from to ``PATH.at-fault``, so that a test can replay
+    the same resume in a fresh job and compare.
+    """
+    if rank != 1 or os.environ.get("TORCHELASTIC_RESTART_COUNT") != "0":
+        return
+    if args.checkpoint and os.path.exists(args.checkpoint):
+        shutil.copyfile(args.checkpoint, args.checkpoint + ".at-fault")
+    print(f"[train] fault injection: rank {rank} SIGKILLs itself at step {step} (time {time.time():.3f})",
+          file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -190,6 +224,10 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict | None:
         checkpoint.check_meta(ckpt, meta)
         task.model.load_state_dict(ckpt["model"])
         start_step = int(ckpt["step"])
+        if rank == 0:  # one line per resume; tests/test_faults.py reads it after an elastic restart
+            print(f"[train] resuming from {args.checkpoint} at step {start_step} (torchelastic restart "
+                  f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '-')}, time {time.time():.3f})",
+                  file=sys.stderr, flush=True)
 
     bucket_cap_mb = args.bucket_cap_mb
     if bucket_cap_mb is None and "powersgd" in args.hook and not device.type == "cuda":
@@ -235,6 +273,8 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict | None:
     t_begin = time.perf_counter()
     ddp.train()
     for step in range(start_step, args.steps):
+        if args.fault_kill_at_step == step:
+            inject_fault(args, rank, step)
         if step == first_measured:  # counters *before* the first measured step
             snap_c, snap_w = comm.counters(), read_iface(args.wire_iface)
         x, y = task.train_batch(rank, world, step)
