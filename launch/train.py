@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import shutil
 import signal
@@ -78,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=300, help="total steps (a resumed run continues up to it)")
     p.add_argument("--lr", type=float, default=None, help="default: the task's")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="cosine: lr * (1 + cos(pi * step / steps)) / 2, a pure function of the step "
+                        "(nothing to checkpoint)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default=None, help="default: the task's")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (all ranks); default: the task's")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate on rank 0 every N steps (0: only at the end)")
@@ -246,6 +250,7 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict | None:
                       powersgd_rank=args.powersgd_rank, seed=args.seed,
                       timeout=datetime.timedelta(seconds=args.dist_timeout))
     opt = task.make_optimizer(ddp.parameters(), lr=args.lr, kind=args.optimizer)
+    base_lrs = [group["lr"] for group in opt.param_groups]
 
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
@@ -283,6 +288,9 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict | None:
         loss = task.loss_fn(ddp(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # DDP's all-reduce / the comm hook run in here
+        if args.lr_schedule == "cosine":
+            for group, base in zip(opt.param_groups, base_lrs):
+                group["lr"] = base * (1 + math.cos(math.pi * step / args.steps)) / 2
         opt.step()
         sync(device)
         dt = time.perf_counter() - t0

@@ -21,6 +21,7 @@ raised and the run resumed bit-exactly. train.py can hand over with ``run(args)`
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -136,6 +137,7 @@ def _train(args, hvd, rank: int, world: int, device: torch.device) -> dict | Non
 
     base = task.make_optimizer(model.parameters(), lr=args.lr, kind=args.optimizer)
     opt = wrap_optimizer(hvd, args.hook, base, model.named_parameters(), args)
+    base_lrs = [group["lr"] for group in opt.param_groups]
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     meter = Meter(args.hook, numel, opt)
     if ckpt is not None:
@@ -172,6 +174,9 @@ def _train(args, hvd, rank: int, world: int, device: torch.device) -> dict | Non
         loss = task.loss_fn(model(x), y)
         opt.zero_grad()  # hvd.DistributedOptimizer.zero_grad takes no arguments (sets None anyway)
         loss.backward()  # Horovod's all-reduces / threelc's exchanges start in here
+        if args.lr_schedule == "cosine":  # as in train.py
+            for group, lr in zip(opt.param_groups, base_lrs):
+                group["lr"] = lr * (1 + math.cos(math.pi * step / args.steps)) / 2
         opt.step()
         sync(device)
         dt = time.perf_counter() - t0
