@@ -70,12 +70,3 @@ def run_standalone(train_args: list[str], nproc: int = 2, timeout: float = 600, 
         return parse_result(p.stdout)
     except ValueError as e:
         raise RunError(f"{e}: {' '.join(cmd)}\n--- stdout ---\n{p.stdout[-3000:]}\n--- stderr ---\n{p.stderr[-3000:]}") from None
-
-
-def threelc_available() -> bool:
-    """True once the 3LC DDP hook (``threelc.hooks.ThreeLCState``) exists."""
-    try:
-        import threelc.hooks as h
-    except Exception:
-        return False
-    return hasattr(h, "ThreeLCState") and hasattr(h, "threelc_hook")

@@ -17,8 +17,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `launch` lives at the repo root
 
-from launch.runner import threelc_available  # noqa: E402
-
 if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
     pytest.skip("netlab needs root and iproute2 (ip, tc)", allow_module_level=True)
 
@@ -65,7 +63,6 @@ def test_fp16_below_none(baseline):
     assert fp16["wire"]["total_tx_bytes"] < baseline["wire"]["total_tx_bytes"]
 
 
-@pytest.mark.skipif(not threelc_available(), reason="threelc.hooks.ThreeLCState not available yet")
 def test_threelc_below_none(baseline):
     tlc = _lab(["--hook", "threelc", "--sparsity", "1.75", "--transport", "allgather"])
     _check_shape(tlc)

@@ -23,14 +23,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `launch` lives at the repo root
 
 from launch import models  # noqa: E402
-from launch.runner import run_standalone, threelc_available  # noqa: E402
+from launch.runner import run_standalone  # noqa: E402
 
 DIGITS_PARAMS = 38282  # DigitsCNN
 BASE = ["--model", "digits-cnn", "--seed", "7", "--no-progress"]
 REQUIRED = {"model", "hook", "transport", "sparsity", "world_size", "steps", "mean_step_time_s",
             "bytes_per_step", "uncompressed_bytes_per_step", "final_loss", "final_accuracy"}
 
-ROUNDTRIP_HOOKS = ["none", "powersgd"] + (["threelc"] if threelc_available() else [])
+ROUNDTRIP_HOOKS = ["none", "powersgd", "threelc"]
 
 
 def _hook_args(hook: str) -> list[str]:
@@ -70,7 +70,6 @@ def test_result_line(full_runs, hook, bytes_per_elem):
     assert json.loads(json_path.read_text()) == res  # --json writes the same object
 
 
-@pytest.mark.skipif(not threelc_available(), reason="threelc.hooks.ThreeLCState not available yet")
 def test_result_line_threelc(full_runs):
     res, _, _ = full_runs["threelc"]
     assert res["transport"] == "allgather" and res["sparsity"] == 1.75
