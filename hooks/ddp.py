@@ -177,13 +177,8 @@ class ThreeLCState:
                 warnings.warn("threelc: DDP's bucket layout differs from the checkpoint's (another model or "
                               "bucket_cap_mb?); residuals are reset", RuntimeWarning)
                 self._saved_first_layout = None
-                self._pipeline.submit(self._transport_reset, bucket.buffer().device)
+                self._pipeline.submit(self._transport.reset, bucket.buffer().device)
         return [self._param_ids[p.data_ptr()] for p in params]
-
-    def _transport_reset(self):
-        self._transport.memory.reset()
-        if hasattr(self._transport, "server_memory"):
-            self._transport.server_memory.reset()
 
     def _reduce_bucket(self, step: int, index: int, keys: list[int], buffer: torch.Tensor,
                        segments: list[int], compress: bool, last: bool):

@@ -79,6 +79,10 @@ class Transport:
                               f"{len(header.segments)} segments; expected {sum(segments)} in {len(segments)}")
         return dequantize(q, scales, segments)
 
+    def reset(self) -> None:
+        """Forget every residual."""
+        self.memory.reset()
+
     def state_dict(self) -> dict:
         return {"worker": self.memory.state_dict()}
 
@@ -223,6 +227,10 @@ class ShardedTransport(Transport):
         self.memory.commit(worker_keys, quantized, refined)
         self.server_memory.commit(list(keys), served, mine)
         return average
+
+    def reset(self) -> None:
+        super().reset()
+        self.server_memory.reset()
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "server": self.server_memory.state_dict()}
