@@ -46,7 +46,7 @@ class ThreeLCState:
         transport: ``"allreduce"`` (agree on scales, integer all-reduce of
             lane-packed ternaries), ``"allgather"`` (every rank gathers every rank's
             payload), ``"sharded"`` (each rank serves 1/N of each bucket, two-way
-            compression), or ``"auto"`` (allgather up to 4 ranks, sharded above).
+            compression), or ``"auto"`` (allgather for 2 ranks, sharded for more).
         start_iter: plain averaging all-reduce for the first ``start_iter``
             iterations; DDP rebuilds its buckets after the first one, and residuals
             are kept per parameter.

@@ -170,6 +170,7 @@ VARIANTS = {
     "bf16": {"transport": "allgather", "sparsity": 1.2, "steps": 4, "dtype": torch.bfloat16},
     **{f"bucket-view-unused-{t}": {"transport": t, "steps": 4, "bucket_view": True, "unused": True}
        for t in TRANSPORTS},
+    "auto": {"transport": "auto", "steps": 3},
 }
 
 
@@ -185,7 +186,9 @@ def test_dtypes_bucket_views_and_unused_parameters(variant, variant_runs):
     assert_ranks_agree(results)
     dtype = settings.get("dtype", torch.float32)
     assert results[0]["history"][-1][0].dtype == dtype
-    assert_matches_reference(results[0], 2, settings["transport"], settings.get("sparsity", 1.5), dtype)
+    transport = results[0]["stats"]["transport"]
+    assert transport == (settings["transport"] if settings["transport"] != "auto" else "allgather")
+    assert_matches_reference(results[0], 2, transport, settings.get("sparsity", 1.5), dtype)
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +247,12 @@ def test_sub_process_group(tmp_path):
     results = all_ok(run_ranks(subgroup_run, 3, workdir=tmp_path))
     assert results[2] is None
     assert all(torch.equal(x, y) for x, y in zip(results[0], results[1]))
+
+
+def test_auto_transport_rule():
+    from threelc.hooks.transports import choose_transport
+    assert [choose_transport("auto", n) for n in (1, 2, 3, 4, 64)] == ["allgather"] * 2 + ["sharded"] * 3
+    assert all(choose_transport(t, 8) == t for t in TRANSPORTS)
 
 
 def test_state_validation_and_pickling():
