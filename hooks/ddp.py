@@ -32,7 +32,8 @@ class ThreeLCState:
     links, large models): 3LC sends each gradient as ternary values, five per byte,
     with runs of zeros collapsed, and keeps what it could not send in a residual
     (error feedback) that is added to the next step's gradient, so training converges
-    as without compression. Typical traffic is 1/20 to 1/200 of fp32.
+    as without compression. Measured traffic (README): 1/30 to 1/270 of fp32 with the
+    allgather and sharded transports, about 1/7 to 1/10 with allreduce.
 
     ::
 
