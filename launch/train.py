@@ -201,6 +201,34 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def restore_checkpoint(ckpt: dict, opt, hook, world: int, rank: int, device, who: str) -> None:
+    """Load optimizer state, and this rank's RNG and hook state when the world size matches."""
+    opt.load_state_dict(ckpt["optimizer"])
+    if ckpt["world_size"] == world:
+        mine = ckpt["ranks"][rank]
+        checkpoint.restore_rng(mine["rng"], device)
+        hook.load_state_dict(mine["hook"])
+    elif rank == 0:
+        print(f"[{who}] checkpoint from world size {ckpt['world_size']} != {world}: "
+              "hook state and RNG start fresh", file=sys.stderr)
+
+
+def progress_bar(args: argparse.Namespace, rank: int, start_step: int, desc: str):
+    """A tqdm bar on rank 0 (None elsewhere or with --no-progress)."""
+    if rank != 0 or args.no_progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=args.steps, initial=start_step, desc=desc, file=sys.stderr, mininterval=1.0,
+                dynamic_ncols=True)
+
+
+def first_measured_step(args: argparse.Namespace, start_step: int) -> int:
+    """The first step the averages count: --warmup-steps in, but at least one step measured."""
+    n_run = max(0, args.steps - start_step)
+    return start_step + (min(args.warmup_steps, n_run - 1) if n_run > 1 else 0)
+
+
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     if args.framework == "horovod":
@@ -253,26 +281,11 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict | None:
     base_lrs = [group["lr"] for group in opt.param_groups]
 
     if ckpt is not None:
-        opt.load_state_dict(ckpt["optimizer"])
-        if ckpt["world_size"] == world:
-            mine = ckpt["ranks"][rank]
-            checkpoint.restore_rng(mine["rng"], device)
-            comm.load_state_dict(mine["hook"])
-        elif rank == 0:
-            print(f"[train] checkpoint from world size {ckpt['world_size']} != {world}: "
-                  "hook state and RNG start fresh", file=sys.stderr)
+        restore_checkpoint(ckpt, opt, comm, world, rank, device, "train")
         del ckpt
 
-    progress = None
-    if rank == 0 and not args.no_progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=args.steps, initial=start_step, desc=f"{args.model}/{args.hook}",
-                        file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
-
-    n_run = max(0, args.steps - start_step)
-    warm = min(args.warmup_steps, n_run - 1) if n_run > 1 else 0
-    first_measured = start_step + warm
+    progress = progress_bar(args, rank, start_step, f"{args.model}/{args.hook}")
+    first_measured = first_measured_step(args, start_step)
     step_times, losses, evals = [], [], []
     snap_c = snap_w = None
     t_begin = time.perf_counter()
@@ -315,7 +328,7 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict | None:
         progress.close()
 
     saved_last = args.checkpoint_every and args.steps % args.checkpoint_every == 0
-    if args.checkpoint and n_run and not saved_last:
+    if args.checkpoint and args.steps > start_step and not saved_last:
         # Also checkpoint the final state, so a rerun with more --steps continues.
         checkpoint.save(args.checkpoint, step=args.steps, model=ddp.module, optimizer=opt, comm=comm,
                         device=device, meta=meta)

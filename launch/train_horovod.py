@@ -32,7 +32,8 @@ if __package__ in (None, ""):  # run as a script (horovodrun python launch/train
 import torch
 
 from launch import checkpoint, models
-from launch.train import _task_options, parse_args, read_iface, sync
+from launch.train import (_task_options, first_measured_step, parse_args, progress_bar, read_iface,
+                          restore_checkpoint, sync)
 
 HOOKS = ("none", "fp16", "threelc")
 DEFAULT_BUCKET_CAP_MB = 4.0  # threelc.hooks.horovod.DistributedOptimizer's default
@@ -141,26 +142,11 @@ def _train(args, hvd, rank: int, world: int, device: torch.device) -> dict | Non
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     meter = Meter(args.hook, numel, opt)
     if ckpt is not None:
-        opt.load_state_dict(ckpt["optimizer"])
-        if ckpt["world_size"] == world:
-            mine = ckpt["ranks"][rank]
-            checkpoint.restore_rng(mine["rng"], device)
-            meter.load_state_dict(mine["hook"])
-        elif rank == 0:
-            print(f"[train_horovod] checkpoint from world size {ckpt['world_size']} != {world}: "
-                  "hook state and RNG start fresh", file=sys.stderr)
+        restore_checkpoint(ckpt, opt, meter, world, rank, device, "train_horovod")
         del ckpt
 
-    progress = None
-    if rank == 0 and not args.no_progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=args.steps, initial=start_step, desc=f"{args.model}/{args.hook} (horovod)",
-                        file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
-
-    n_run = max(0, args.steps - start_step)
-    warm = min(args.warmup_steps, n_run - 1) if n_run > 1 else 0
-    first_measured = start_step + warm
+    progress = progress_bar(args, rank, start_step, f"{args.model}/{args.hook} (horovod)")
+    first_measured = first_measured_step(args, start_step)
     step_times, losses, evals = [], [], []
     snap_c = snap_w = None
     t_begin = time.perf_counter()
@@ -201,7 +187,7 @@ def _train(args, hvd, rank: int, world: int, device: torch.device) -> dict | Non
         progress.close()
 
     saved_last = args.checkpoint_every and args.steps % args.checkpoint_every == 0
-    if args.checkpoint and n_run and not saved_last:
+    if args.checkpoint and args.steps > start_step and not saved_last:
         save_checkpoint(hvd, args.checkpoint, step=args.steps, model=model, optimizer=opt, meter=meter,
                         device=device, meta=meta)
 
