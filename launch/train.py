@@ -58,6 +58,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from launch import checkpoint, models
 from launch.comm import KINDS, TRANSPORTS, setup_comm
+from launch.gather import all_gather_rows, decode_name, encode_name
+
+IFNAMSIZ = 16  # Linux: an interface name is at most 15 bytes plus the NUL
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,7 +104,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fault-kill-at-step", type=int, default=None, metavar="N",
                    help="testing aid: rank 1 SIGKILLs itself at the start of step N in torchrun's first attempt "
                         "only (TORCHELASTIC_RESTART_COUNT=0), to exercise elastic restarts")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.wire_iface and len(args.wire_iface.encode()) >= IFNAMSIZ:
+        p.error(f"--wire-iface {args.wire_iface!r}: interface names are at most {IFNAMSIZ - 1} bytes")
+    return args
 
 
 def _task_options(pairs: list[str]) -> dict:
@@ -334,21 +340,19 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict | None:
                         device=device, meta=meta)
 
     # Cross-rank reductions happen after the measured window so they are not
-    # counted as training traffic.
+    # counted as training traffic; all_gather_rows makes exiting right after safe.
     tail = losses[-10:]
-    train_loss = torch.tensor([sum(tail) / len(tail) if tail else 0.0], dtype=torch.float64,
-                              device=device)
-    dist.all_reduce(train_loss)
     measured = len(step_times)
+    wire_mine = None
+    if snap_w and end_w and measured:
+        wire_mine = [(end_w["tx"] - snap_w["tx"]) / measured, (end_w["rx"] - snap_w["rx"]) / measured]
+    rows = all_gather_rows([sum(tail) / len(tail) if tail else 0.0, *(wire_mine or [0.0, 0.0]),
+                            float(wire_mine is not None), *encode_name(args.wire_iface, IFNAMSIZ)], device)
+    train_loss = sum(r[0] for r in rows)
     wire = None
     if args.wire_iface:
-        mine = None
-        if snap_w and end_w and measured:
-            mine = {"iface": args.wire_iface,
-                    "tx_bytes_per_step": (end_w["tx"] - snap_w["tx"]) / measured,
-                    "rx_bytes_per_step": (end_w["rx"] - snap_w["rx"]) / measured}
-        wire = [None] * world
-        dist.all_gather_object(wire, mine)
+        wire = [{"iface": decode_name(r[4:]), "tx_bytes_per_step": r[1], "rx_bytes_per_step": r[2]} if r[3] else None
+                for r in rows]
 
     comm.close()  # all communication is done; park the hook's thread before exit
     if rank != 0:
@@ -370,7 +374,7 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict | None:
         # -- extras --
         "bytes_received_per_step": per("received"),
         "metrics": final,
-        "final_train_loss": train_loss.item() / world if losses else None,
+        "final_train_loss": train_loss / world if losses else None,
         "evals": evals,
         "measured_steps": measured,
         "start_step": start_step,
