@@ -12,7 +12,7 @@ Several machines (one agent per node)::
 
 Backend: NCCL when CUDA is available (one GPU per local rank), else gloo;
 ``--device cpu`` forces gloo on a GPU machine.  At the end rank 0 prints one
-JSON line (nothing else on that line; see ``result`` below for the fields)
+JSON line (nothing else on that line; launch/loop.py's ``result_line`` has the fields)
 and, with ``--json PATH``, writes the same object to a file.
 
 Averages (``mean_step_time_s``, ``bytes_per_step``, ...) skip the first
@@ -40,11 +40,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import math
 import os
-import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -58,10 +54,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from launch import checkpoint, models
 from launch.comm import KINDS, TRANSPORTS, setup_comm
-from launch.gather import all_gather_rows, decode_name, encode_name
-
-IFNAMSIZ = 16  # Linux: an interface name is at most 15 bytes plus the NUL
-
+from launch.gather import all_gather_rows
+from launch.loop import IFNAMSIZ, cross_rank, emit, restore_checkpoint, result_line, run_steps
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -144,18 +138,6 @@ def init_distributed(args) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def read_iface(iface: str | None) -> dict | None:
-    """tx/rx byte counters of ``iface`` as seen from this process's netns."""
-    if not iface:
-        return None
-    base = f"/sys/class/net/{iface}/statistics"
-    try:
-        with open(f"{base}/tx_bytes") as t, open(f"{base}/rx_bytes") as r:
-            return {"tx": int(t.read()), "rx": int(r.read())}
-    except OSError:
-        return None
-
-
 # Hooks whose state is kept per *bucket index* as flat vectors.  (The 3LC hook
 # keys its residuals per parameter and copes with DDP's rebuild by itself.)
 BUCKET_KEYED_HOOKS = ("powersgd", "batched-powersgd")
@@ -181,58 +163,6 @@ def prime_buckets(ddp, task, rank: int, world: int, step: int, device: torch.dev
             task.loss_fn(ddp(x), y).backward()
     for p in ddp.parameters():
         p.grad = None
-
-
-def inject_fault(args, rank: int, step: int) -> None:
-    """``--fault-kill-at-step``: a testing aid that simulates a worker crash.
-
-    SIGKILL: no exception, no atexit handlers, no goodbye to the peers, as when
-    the OOM killer or a dying machine takes a worker.  Only rank 1, and only in
-    torchrun's first attempt (without torchrun the variable is unset: no kill),
-    so the restarted job runs through.  First it copies the checkpoint that the
-    restart will resume from to ``PATH.at-fault``, so that a test can replay
-    the same resume in a fresh job and compare.
-    """
-    if rank != 1 or os.environ.get("TORCHELASTIC_RESTART_COUNT") != "0":
-        return
-    if args.checkpoint and os.path.exists(args.checkpoint):
-        shutil.copyfile(args.checkpoint, args.checkpoint + ".at-fault")
-    print(f"[train] fault injection: rank {rank} SIGKILLs itself at step {step} (time {time.time():.3f})",
-          file=sys.stderr, flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def restore_checkpoint(ckpt: dict, opt, hook, world: int, rank: int, device, who: str) -> None:
-    """Load optimizer state, and this rank's RNG and hook state when the world size matches."""
-    opt.load_state_dict(ckpt["optimizer"])
-    if ckpt["world_size"] == world:
-        mine = ckpt["ranks"][rank]
-        checkpoint.restore_rng(mine["rng"], device)
-        hook.load_state_dict(mine["hook"])
-    elif rank == 0:
-        print(f"[{who}] checkpoint from world size {ckpt['world_size']} != {world}: "
-              "hook state and RNG start fresh", file=sys.stderr)
-
-
-def progress_bar(args: argparse.Namespace, rank: int, start_step: int, desc: str):
-    """A tqdm bar on rank 0 (None elsewhere or with --no-progress)."""
-    if rank != 0 or args.no_progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=args.steps, initial=start_step, desc=desc, file=sys.stderr, mininterval=1.0,
-                dynamic_ncols=True)
-
-
-def first_measured_step(args: argparse.Namespace, start_step: int) -> int:
-    """The first step the averages count: --warmup-steps in, but at least one step measured."""
-    n_run = max(0, args.steps - start_step)
-    return start_step + (min(args.warmup_steps, n_run - 1) if n_run > 1 else 0)
 
 
 def main(argv=None) -> dict | None:
@@ -284,115 +214,27 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict | None:
                       powersgd_rank=args.powersgd_rank, seed=args.seed,
                       timeout=datetime.timedelta(seconds=args.dist_timeout))
     opt = task.make_optimizer(ddp.parameters(), lr=args.lr, kind=args.optimizer)
-    base_lrs = [group["lr"] for group in opt.param_groups]
 
     if ckpt is not None:
         restore_checkpoint(ckpt, opt, comm, world, rank, device, "train")
         del ckpt
 
-    progress = progress_bar(args, rank, start_step, f"{args.model}/{args.hook}")
-    first_measured = first_measured_step(args, start_step)
-    step_times, losses, evals = [], [], []
-    snap_c = snap_w = None
-    t_begin = time.perf_counter()
-    ddp.train()
-    for step in range(start_step, args.steps):
-        if args.fault_kill_at_step == step:
-            inject_fault(args, rank, step)
-        if step == first_measured:  # counters *before* the first measured step
-            snap_c, snap_w = comm.counters(), read_iface(args.wire_iface)
-        x, y = task.train_batch(rank, world, step)
-        sync(device)
-        t0 = time.perf_counter()
-        loss = task.loss_fn(ddp(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # DDP's all-reduce / the comm hook run in here
-        if args.lr_schedule == "cosine":
-            for group, base in zip(opt.param_groups, base_lrs):
-                group["lr"] = base * (1 + math.cos(math.pi * step / args.steps)) / 2
-        opt.step()
-        sync(device)
-        dt = time.perf_counter() - t0
-        comm.step_done()
-        if step >= first_measured:
-            step_times.append(dt)
-        losses.append(loss.item())
-        done = step + 1
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-        if args.eval_every and done % args.eval_every == 0 and done < args.steps and rank == 0:
-            evals.append({"step": done, **task.evaluate(ddp.module)})
-            if progress is not None:
-                progress.write(f"[eval] step {done}: {evals[-1]}")
-        if args.checkpoint and args.checkpoint_every and done % args.checkpoint_every == 0:
-            checkpoint.save(args.checkpoint, step=done, model=ddp.module, optimizer=opt, comm=comm,
-                            device=device, meta=meta)
-    end_c, end_w = comm.counters(), read_iface(args.wire_iface)
-    total_time = time.perf_counter() - t_begin
-    if progress is not None:
-        progress.close()
+    def save(step: int) -> None:
+        checkpoint.save(args.checkpoint, step=step, model=ddp.module, optimizer=opt, comm=comm, device=device,
+                        meta=meta)
 
-    saved_last = args.checkpoint_every and args.steps % args.checkpoint_every == 0
-    if args.checkpoint and args.steps > start_step and not saved_last:
-        # Also checkpoint the final state, so a rerun with more --steps continues.
-        checkpoint.save(args.checkpoint, step=args.steps, model=ddp.module, optimizer=opt, comm=comm,
-                        device=device, meta=meta)
-
-    # Cross-rank reductions happen after the measured window so they are not
-    # counted as training traffic; all_gather_rows makes exiting right after safe.
-    tail = losses[-10:]
-    measured = len(step_times)
-    wire_mine = None
-    if snap_w and end_w and measured:
-        wire_mine = [(end_w["tx"] - snap_w["tx"]) / measured, (end_w["rx"] - snap_w["rx"]) / measured]
-    rows = all_gather_rows([sum(tail) / len(tail) if tail else 0.0, *(wire_mine or [0.0, 0.0]),
-                            float(wire_mine is not None), *encode_name(args.wire_iface, IFNAMSIZ)], device)
-    train_loss = sum(r[0] for r in rows)
-    wire = None
-    if args.wire_iface:
-        wire = [{"iface": decode_name(r[4:]), "tx_bytes_per_step": r[1], "rx_bytes_per_step": r[2]} if r[3] else None
-                for r in rows]
-
+    run = run_steps(args, task, ddp, ddp.module, opt, comm, rank=rank, world=world, device=device,
+                    start_step=start_step, desc=f"{args.model}/{args.hook}",
+                    zero_grad=lambda: opt.zero_grad(set_to_none=True), save=save)
+    # all_gather_rows returns once gloo has let go of its tensors, so we may exit right after.
+    train_loss, wire = cross_rank(args, run, lambda row: all_gather_rows(row, device), world)
     comm.close()  # all communication is done; park the hook's thread before exit
     if rank != 0:
         return None
-    final = task.evaluate(ddp.module)
-    per = (lambda k: (end_c[k] - snap_c[k]) / measured) if measured else (lambda k: None)
-    result = {
-        "model": args.model,
-        "hook": args.hook,
-        "transport": args.transport if args.hook == "threelc" else None,
-        "sparsity": args.sparsity if args.hook == "threelc" else None,
-        "world_size": world,
-        "steps": args.steps,
-        "mean_step_time_s": sum(step_times) / measured if measured else None,
-        "bytes_per_step": per("sent"),
-        "uncompressed_bytes_per_step": per("uncompressed"),
-        "final_loss": final["loss"],
-        "final_accuracy": final.get("accuracy"),
-        # -- extras --
-        "bytes_received_per_step": per("received"),
-        "metrics": final,
-        "final_train_loss": train_loss / world if losses else None,
-        "evals": evals,
-        "measured_steps": measured,
-        "start_step": start_step,
-        "total_time_s": total_time,
-        "num_params": comm.numel,
-        "backend": dist.get_backend(),
-        "bucket_cap_mb": bucket_cap_mb,
-        "batch_size": task.batch_size,
-        "powersgd_rank": args.powersgd_rank if "powersgd" in args.hook else None,
-        "wire": wire,
-    }
-    if args.save_params:
-        checkpoint.atomic_save(checkpoint.to_cpu(dict(ddp.module.state_dict())), args.save_params)
-    line = json.dumps(result)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(line + "\n")
-    print(line, flush=True)
+    result = result_line(args, task, run, world=world, final=task.evaluate(ddp.module), train_loss=train_loss,
+                         wire=wire, num_params=comm.numel, backend=dist.get_backend(), bucket_cap_mb=bucket_cap_mb,
+                         powersgd_rank=args.powersgd_rank if "powersgd" in args.hook else None)
+    emit(args, result, ddp.module)
     return result
 
 

@@ -20,10 +20,7 @@ raised and the run resumed bit-exactly. train.py can hand over with ``run(args)`
 
 from __future__ import annotations
 
-import json
-import math
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (horovodrun python launch/train_horovod.py)
@@ -32,8 +29,8 @@ if __package__ in (None, ""):  # run as a script (horovodrun python launch/train
 import torch
 
 from launch import checkpoint, models
-from launch.train import (_task_options, first_measured_step, parse_args, progress_bar, read_iface,
-                          restore_checkpoint, sync)
+from launch.loop import cross_rank, emit, restore_checkpoint, result_line, run_steps
+from launch.train import _task_options, parse_args
 
 HOOKS = ("none", "fp16", "threelc")
 DEFAULT_BUCKET_CAP_MB = 4.0  # threelc.hooks.horovod.DistributedOptimizer's default
@@ -138,113 +135,33 @@ def _train(args, hvd, rank: int, world: int, device: torch.device) -> dict | Non
 
     base = task.make_optimizer(model.parameters(), lr=args.lr, kind=args.optimizer)
     opt = wrap_optimizer(hvd, args.hook, base, model.named_parameters(), args)
-    base_lrs = [group["lr"] for group in opt.param_groups]
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     meter = Meter(args.hook, numel, opt)
     if ckpt is not None:
         restore_checkpoint(ckpt, opt, meter, world, rank, device, "train_horovod")
         del ckpt
 
-    progress = progress_bar(args, rank, start_step, f"{args.model}/{args.hook} (horovod)")
-    first_measured = first_measured_step(args, start_step)
-    step_times, losses, evals = [], [], []
-    snap_c = snap_w = None
-    t_begin = time.perf_counter()
-    model.train()
-    for step in range(start_step, args.steps):
-        if step == first_measured:  # counters *before* the first measured step
-            snap_c, snap_w = meter.counters(), read_iface(args.wire_iface)
-        x, y = task.train_batch(rank, world, step)
-        sync(device)
-        t0 = time.perf_counter()
-        loss = task.loss_fn(model(x), y)
-        opt.zero_grad()  # hvd.DistributedOptimizer.zero_grad takes no arguments (sets None anyway)
-        loss.backward()  # Horovod's all-reduces / threelc's exchanges start in here
-        if args.lr_schedule == "cosine":  # as in train.py
-            for group, lr in zip(opt.param_groups, base_lrs):
-                group["lr"] = lr * (1 + math.cos(math.pi * step / args.steps)) / 2
-        opt.step()
-        sync(device)
-        dt = time.perf_counter() - t0
-        meter.step_done()
-        if step >= first_measured:
-            step_times.append(dt)
-        losses.append(loss.item())
-        done = step + 1
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-        if args.eval_every and done % args.eval_every == 0 and done < args.steps and rank == 0:
-            evals.append({"step": done, **task.evaluate(model)})
-            if progress is not None:
-                progress.write(f"[eval] step {done}: {evals[-1]}")
-        if args.checkpoint and args.checkpoint_every and done % args.checkpoint_every == 0:
-            save_checkpoint(hvd, args.checkpoint, step=done, model=model, optimizer=opt, meter=meter,
-                            device=device, meta=meta)
-    end_c, end_w = meter.counters(), read_iface(args.wire_iface)
-    total_time = time.perf_counter() - t_begin
-    if progress is not None:
-        progress.close()
+    def save(step: int) -> None:
+        save_checkpoint(hvd, args.checkpoint, step=step, model=model, optimizer=opt, meter=meter, device=device,
+                        meta=meta)
 
-    saved_last = args.checkpoint_every and args.steps % args.checkpoint_every == 0
-    if args.checkpoint and args.steps > start_step and not saved_last:
-        save_checkpoint(hvd, args.checkpoint, step=args.steps, model=model, optimizer=opt, meter=meter,
-                        device=device, meta=meta)
+    def gather_rows(row: list[float]) -> list[list[float]]:
+        mine = torch.tensor([row], dtype=torch.float64)
+        return hvd.allgather(mine, name="train_horovod.final").tolist()
 
-    # Cross-rank reductions after the measured window: not counted as training traffic.
-    tail = losses[-10:]
-    train_loss = torch.tensor([sum(tail) / len(tail) if tail else float("nan")], dtype=torch.float64)
-    train_loss = hvd.allreduce(train_loss, op=hvd.Sum, name="train_horovod.train_loss")
-    measured = len(step_times)
-    wire = None
-    if args.wire_iface:
-        mine = None
-        if snap_w and end_w and measured:
-            mine = {"iface": args.wire_iface,
-                    "tx_bytes_per_step": (end_w["tx"] - snap_w["tx"]) / measured,
-                    "rx_bytes_per_step": (end_w["rx"] - snap_w["rx"]) / measured}
-        wire = hvd.allgather_object(mine, name="train_horovod.wire")
-
+    run = run_steps(args, task, model, model, opt, meter, rank=rank, world=world, device=device,
+                    start_step=start_step, desc=f"{args.model}/{args.hook} (horovod)",
+                    zero_grad=opt.zero_grad,  # Horovod's zero_grad takes no arguments (sets None anyway)
+                    save=save)
+    train_loss, wire = cross_rank(args, run, gather_rows, world)
     if rank != 0:
         return None
-    final = task.evaluate(model)
-    per = (lambda k: (end_c[k] - snap_c[k]) / measured) if measured else (lambda k: None)
     threelc = args.hook == "threelc"
-    result = {
-        "model": args.model,
-        "hook": args.hook,
-        "transport": args.transport if threelc else None,
-        "sparsity": args.sparsity if threelc else None,
-        "world_size": world,
-        "steps": args.steps,
-        "mean_step_time_s": sum(step_times) / measured if measured else None,
-        "bytes_per_step": per("sent"),
-        "uncompressed_bytes_per_step": per("uncompressed"),
-        "final_loss": final["loss"],
-        "final_accuracy": final.get("accuracy"),
-        # -- extras --
-        "bytes_received_per_step": per("received"),
-        "metrics": final,
-        "final_train_loss": train_loss.item() / world,
-        "evals": evals,
-        "measured_steps": measured,
-        "start_step": start_step,
-        "total_time_s": total_time,
-        "num_params": numel,
-        "backend": "horovod-gloo" if hvd.gloo_enabled() else "horovod",
-        "bucket_cap_mb": (args.bucket_cap_mb or DEFAULT_BUCKET_CAP_MB) if threelc else None,
-        "batch_size": task.batch_size,
-        "powersgd_rank": None,
-        "wire": wire,
-        "framework": "horovod",
-    }
-    if args.save_params:
-        checkpoint.atomic_save(checkpoint.to_cpu(dict(model.state_dict())), args.save_params)
-    line = json.dumps(result)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(line + "\n")
-    print(line, flush=True)
+    result = result_line(args, task, run, world=world, final=task.evaluate(model), train_loss=train_loss,
+                         wire=wire, num_params=numel, backend="horovod-gloo" if hvd.gloo_enabled() else "horovod",
+                         bucket_cap_mb=(args.bucket_cap_mb or DEFAULT_BUCKET_CAP_MB) if threelc else None,
+                         powersgd_rank=None, framework="horovod")
+    emit(args, result, model)
     return result
 
 
