@@ -23,10 +23,44 @@ from typing import Callable
 
 import torch
 
-from launch import checkpoint
+from launch import checkpoint, models
 from launch.gather import decode_name, encode_name
 
 IFNAMSIZ = 16  # Linux: an interface name is at most 15 bytes plus the NUL
+
+
+def _task_options(pairs: list[str]) -> dict:
+    out = {}
+    for kv in pairs:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"--task-opt expects KEY=VALUE, got {kv!r}")
+        out[k] = v
+    return out
+
+
+def build_task(args, rank: int, world: int, device: torch.device, who: str):
+    """(task, checkpoint meta, the loaded --checkpoint or None, first step) for this rank.
+
+    The model's weights come from the checkpoint when there is one; rank 0 logs
+    the resume (tests/test_faults.py reads that line after an elastic restart).
+    """
+    task = models.build(args.model, args.seed, batch_size=args.batch_size, device=device,
+                        **_task_options(args.task_opt))
+    if task.batch_size % world:
+        raise SystemExit(f"--batch-size {task.batch_size} must be divisible by world size {world}")
+    meta = {"model": args.model, "seed": args.seed, "batch_size": task.batch_size, "hook": args.hook}
+    ckpt = checkpoint.load(args.checkpoint)
+    start_step = 0
+    if ckpt is not None:
+        checkpoint.check_meta(ckpt, meta)
+        task.model.load_state_dict(ckpt["model"])
+        start_step = int(ckpt["step"])
+        if rank == 0:
+            print(f"[{who}] resuming from {args.checkpoint} at step {start_step} (torchelastic restart "
+                  f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '-')}, time {time.time():.3f})",
+                  file=sys.stderr, flush=True)
+    return task, meta, ckpt, start_step
 
 
 def read_iface(iface: str | None) -> dict | None:

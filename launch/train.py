@@ -42,7 +42,6 @@ import argparse
 import datetime
 import os
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (torchrun launch/train.py)
@@ -55,7 +54,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from launch import checkpoint, models
 from launch.comm import KINDS, TRANSPORTS, setup_comm
 from launch.gather import all_gather_rows
-from launch.loop import IFNAMSIZ, cross_rank, emit, restore_checkpoint, result_line, run_steps
+from launch.loop import IFNAMSIZ, build_task, cross_rank, emit, restore_checkpoint, result_line, run_steps
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -102,16 +101,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.wire_iface and len(args.wire_iface.encode()) >= IFNAMSIZ:
         p.error(f"--wire-iface {args.wire_iface!r}: interface names are at most {IFNAMSIZ - 1} bytes")
     return args
-
-
-def _task_options(pairs: list[str]) -> dict:
-    out = {}
-    for kv in pairs:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            raise SystemExit(f"--task-opt expects KEY=VALUE, got {kv!r}")
-        out[k] = v
-    return out
 
 
 def init_distributed(args) -> tuple[int, int, torch.device]:
@@ -180,22 +169,7 @@ def main(argv=None) -> dict | None:
 
 
 def _train(args, rank: int, world: int, device: torch.device) -> dict | None:
-    task = models.build(args.model, args.seed, batch_size=args.batch_size, device=device,
-                        **_task_options(args.task_opt))
-    if task.batch_size % world:
-        raise SystemExit(f"--batch-size {task.batch_size} must be divisible by world size {world}")
-    meta = {"model": args.model, "seed": args.seed, "batch_size": task.batch_size, "hook": args.hook}
-
-    ckpt = checkpoint.load(args.checkpoint)
-    start_step = 0
-    if ckpt is not None:
-        checkpoint.check_meta(ckpt, meta)
-        task.model.load_state_dict(ckpt["model"])
-        start_step = int(ckpt["step"])
-        if rank == 0:  # one line per resume; tests/test_faults.py reads it after an elastic restart
-            print(f"[train] resuming from {args.checkpoint} at step {start_step} (torchelastic restart "
-                  f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '-')}, time {time.time():.3f})",
-                  file=sys.stderr, flush=True)
+    task, meta, ckpt, start_step = build_task(args, rank, world, device, "train")
 
     bucket_cap_mb = args.bucket_cap_mb
     if bucket_cap_mb is None and "powersgd" in args.hook and not device.type == "cuda":

@@ -28,9 +28,9 @@ if __package__ in (None, ""):  # run as a script (horovodrun python launch/train
 
 import torch
 
-from launch import checkpoint, models
-from launch.loop import cross_rank, emit, restore_checkpoint, result_line, run_steps
-from launch.train import _task_options, parse_args
+from launch import checkpoint
+from launch.loop import build_task, cross_rank, emit, restore_checkpoint, result_line, run_steps
+from launch.train import parse_args
 
 HOOKS = ("none", "fp16", "threelc")
 DEFAULT_BUCKET_CAP_MB = 4.0  # threelc.hooks.horovod.DistributedOptimizer's default
@@ -118,18 +118,7 @@ def run(args) -> dict | None:
 
 
 def _train(args, hvd, rank: int, world: int, device: torch.device) -> dict | None:
-    task = models.build(args.model, args.seed, batch_size=args.batch_size, device=device,
-                        **_task_options(args.task_opt))
-    if task.batch_size % world:
-        raise SystemExit(f"--batch-size {task.batch_size} must be divisible by world size {world}")
-    meta = {"model": args.model, "seed": args.seed, "batch_size": task.batch_size, "hook": args.hook}
-
-    ckpt = checkpoint.load(args.checkpoint)
-    start_step = 0
-    if ckpt is not None:
-        checkpoint.check_meta(ckpt, meta)
-        task.model.load_state_dict(ckpt["model"])
-        start_step = int(ckpt["step"])
+    task, meta, ckpt, start_step = build_task(args, rank, world, device, "train_horovod")
     model = task.model
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
