@@ -9,11 +9,14 @@ last collective), the thread cannot take the GIL, ``pthread_exit`` unwinds
 through a ``noexcept`` destructor and the process aborts with "terminate
 called without an active exception" (SIGABRT) after a run that had succeeded.
 ``destroy_process_group`` does not help: DDP keeps the group, and so its
-worker threads, alive until interpreter teardown. About 1 run in 50 of
+worker threads, alive until interpreter teardown. About 1 run in 40 of
 ``train.py`` died this way on a 2-core machine.
 
-So the last collectives of a run go through :func:`all_gather_rows`, which
-returns only once every tensor it handed to the backend has been released.
+:func:`all_gather_rows` returns only once every tensor it handed to the
+backend has been released, so a rank that leaves right after it is safe from
+its own gather. Tensors of earlier collectives (a comm hook's, whose release
+can trail behind on a starved CPU) are out of its reach: launch/train.py
+therefore also ends without interpreter teardown (``train.exit_now``).
 """
 
 from __future__ import annotations

@@ -212,5 +212,22 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict | None:
     return result
 
 
+def exit_now(code: int = 0) -> None:
+    """Exit without interpreter teardown, once everything is written.
+
+    On torch 2.13 a gloo worker thread can still be letting go of a finished
+    collective's tensors (a comm hook's, DDP's) when Python starts finalizing;
+    the release needs the GIL, cannot get it, and the process aborts with
+    SIGABRT after a successful run (launch/gather.py has the details; DDP keeps
+    the process group's threads alive past destroy_process_group, so they
+    cannot be joined first). Everything of ours is already closed or flushed
+    here, so teardown has nothing left to do.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     main()
+    exit_now(0)
