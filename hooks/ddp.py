@@ -20,13 +20,13 @@ from .collectives import Collectives, TorchCollectives
 from .pipeline import CommPipeline
 from .transports import TRANSPORTS, choose_transport
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: residuals keyed per parameter (1 keyed them per bucket)
 TRANSPORT_CHOICES = (*TRANSPORTS, "auto")
 _STAT_KEYS = ("bytes_sent", "bytes_received", "uncompressed_bytes", "numel", "zeros", "encode_seconds", "decode_seconds")
 
 
 class ThreeLCState:
-    r"""State of :func:`threelc_hook`: settings, residuals per bucket, traffic counters.
+    r"""State of :func:`threelc_hook`: settings, one residual per parameter, traffic counters.
 
     Use it when gradient traffic limits data-parallel training (many nodes, slow
     links, large models): 3LC sends each gradient as ternary values, five per byte,
@@ -46,7 +46,7 @@ class ThreeLCState:
             larger s sends fewer non-zeros (cheaper) and carries more in the residual.
         transport: ``"allreduce"`` (agree on scales, integer all-reduce of
             lane-packed ternaries), ``"allgather"`` (every rank gathers every rank's
-            payload), ``"sharded"`` (each rank serves 1/N of each bucket, two-way
+            payload), ``"sharded"`` (each rank serves 1/N of every tensor, two-way
             compression), or ``"auto"`` (allgather for 2 ranks, sharded for more).
         start_iter: plain averaging all-reduce for the first ``start_iter``
             iterations; DDP rebuilds its buckets after the first one, and residuals
@@ -181,7 +181,7 @@ class ThreeLCState:
                 self._pipeline.submit(self._transport.reset, bucket.buffer().device)
         return [self._param_ids[p.data_ptr()] for p in params]
 
-    def _reduce_bucket(self, step: int, index: int, keys: list[int], buffer: torch.Tensor,
+    def _reduce_bucket(self, step: int, index: int, keys: list, buffer: torch.Tensor,
                        segments: list[int], compress: bool, last: bool):
         try:
             return self._average_bucket(keys, buffer, segments, compress, last)
@@ -191,7 +191,7 @@ class ThreeLCState:
             raise CommunicationError(f"threelc step {step}, bucket {index} ({self.transport_name} transport): "
                                      f"{type(error).__name__}: {error}") from error
 
-    def _average_bucket(self, keys: list[int], buffer: torch.Tensor, segments: list[int], compress: bool,
+    def _average_bucket(self, keys: list, buffer: torch.Tensor, segments: list[int], compress: bool,
                         last: bool):
         comm = self._comm
         sent, received = comm.bytes_sent, comm.bytes_received
@@ -282,7 +282,7 @@ class ThreeLCState:
             raise ConfigurationError(
                 f"checkpoint residuals were made by {saved['world_size']} ranks with transport {saved['name']}; "
                 f"this job has {self._comm.world_size} ranks with {self._transport.name}. Residuals are per rank "
-                "and per bucket, so they cannot be carried across; start without the hook state "
+                "(and, sharded, per shard), so they cannot be carried across; start without the hook state "
                 "(error feedback restarts from zero) or resume with the original world size")
         self._transport.load_state_dict(saved)
 
@@ -305,10 +305,11 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
         state._start()
     buffer = bucket.buffer()
     segments = [p.numel() for p in bucket.parameters()]
-    if sum(segments) != buffer.numel():  # unexpected layout: one scale for the bucket
-        segments = [buffer.numel()]
+    keys = state._keys(bucket, segments)
+    if sum(segments) != buffer.numel():  # unexpected layout: one scale and one residual for the bucket
+        segments, keys = [buffer.numel()], [tuple(keys)]
     compress = state.iter >= state.start_iter
-    keys, index, last, step = state._keys(bucket, segments), bucket.index(), bucket.is_last(), state.iter
+    index, last, step = bucket.index(), bucket.is_last(), state.iter
     if last:
         state.iter += 1
     job = lambda: state._reduce_bucket(step, index, keys, buffer, segments, compress, last)  # noqa: E731

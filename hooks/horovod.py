@@ -346,7 +346,7 @@ class _ThreeLCDistributedOptimizer:
             handle.remove()
         self._hook_handles = []
         self._enabled = False
-        self.threelc._pipeline.close()
+        self.threelc.close()
 
     # ------------------------------------------------------------------ per step
 

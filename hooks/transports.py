@@ -179,7 +179,7 @@ class ShardedTransport(Transport):
         if quantized.finite:
             q_pieces = quantized.q.split(refined)
             scales = quantized.scale.view(len(segments), world)
-            payloads = [encode_quantized(torch.cat(q_pieces[j::world]), scales[:, j].contiguous(), list(shards[j]),
+            payloads = [encode_quantized(torch.cat(q_pieces[j::world]), scales[:, j], list(shards[j]),
                                          grad.dtype) for j in range(world)]
         self._timed("encode", start)
         send_sizes = [p.numel() for p in payloads]

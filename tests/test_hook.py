@@ -249,6 +249,47 @@ def test_sub_process_group(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(results[0], results[1]))
 
 
+class _OddBucket:
+    """A bucket whose buffer is longer than its parameters (a layout the hook does not know)."""
+
+    def __init__(self, buffer, params):
+        self._buffer, self._params = buffer, params
+
+    def buffer(self):
+        return self._buffer
+
+    def parameters(self):
+        return self._params
+
+    def index(self):
+        return 0
+
+    def is_last(self):
+        return True
+
+
+def odd_layout_run(rank, world, transport):
+    params = [torch.zeros(3), torch.zeros(4)]  # 7 elements in a 10-element buffer
+    state = ThreeLCState(sparsity=1.5, transport=transport, start_iter=0)
+    out = []
+    for step in range(4):
+        buffer = torch.randn(10, generator=torch.Generator().manual_seed(100 * step + rank))
+        out.append(threelc_hook(state, _OddBucket(buffer, params)).wait().clone())
+    state.close()
+    return out
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_unknown_bucket_layout_gets_one_scale(tmp_path, transport):
+    world = 2
+    results = all_ok(run_ranks(odd_layout_run, world, transport, workdir=tmp_path))
+    reference = Reference(transport, world, 1.5)
+    for step in range(4):
+        grads = [torch.randn(10, generator=torch.Generator().manual_seed(100 * step + r)) for r in range(world)]
+        expected = reference.average([("bucket",)], grads, [10])
+        assert all(torch.equal(r[step], expected) for r in results), step
+
+
 def test_auto_transport_rule():
     from threelc.hooks.transports import choose_transport
     assert [choose_transport("auto", n) for n in (1, 2, 3, 4, 64)] == ["allgather"] * 2 + ["sharded"] * 3

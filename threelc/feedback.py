@@ -89,8 +89,8 @@ class ErrorFeedback:
             pieces.append(residual)
         if all(p is None for p in pieces):
             return flat.to(torch.float32, copy=True)
-        zeros = [torch.zeros(n, dtype=torch.float32, device=flat.device) for n in sizes]
-        return flat.float().add(torch.cat([p if p is not None else z for p, z in zip(pieces, zeros)]))
+        return flat.float().add(torch.cat([p if p is not None else flat.new_zeros(n, dtype=torch.float32)
+                                           for p, n in zip(pieces, sizes)]))
 
     def quantize(self, key: Keys, x: torch.Tensor, segments: Sequence[int] | None = None) -> Quantized:
         """Compensate and quantize; the new residual is returned, not stored."""
