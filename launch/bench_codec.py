@@ -2,6 +2,7 @@
 
     python launch/bench_codec.py                 # CPU, writes results/codec.json
     python launch/bench_codec.py --device cuda   # the same on a GPU
+    python launch/bench_codec.py --profile       # where 1M-element encode+decode spends its time
 
 Throughput is GB/s of float32 input (4 bytes per element) through ``threelc.encode``
 and ``threelc.decode``; ``clone()`` and ``.to(torch.float16)`` of the same tensor are
@@ -115,14 +116,37 @@ def gradient_bits(device: torch.device, steps: int) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> dict:
+def profile(device: torch.device, numel: int = 1_000_000, pairs: int = 10, top: int = 12) -> None:
+    """torch.profiler over ``pairs`` encode+decode of ``numel`` Gaussian values: the
+    ops with the most self time, as shares of the total (printed, not saved)."""
+    from torch.profiler import ProfilerActivity, profile as run_profiler
+
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(0)).to(device)
+    threelc.decode(threelc.encode(x))  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with run_profiler(activities=activities) as prof:
+        for _ in range(pairs):
+            threelc.decode(threelc.encode(x))
+    ops = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in ops)
+    print(f"{pairs} encode+decode pairs of {numel:,} values on {device}: {total / 1e3 / pairs:.2f} ms per pair, "
+          f"{len(ops)} distinct ops")
+    for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:top]:
+        print(f"  {100 * e.self_cpu_time_total / total:5.1f}%  {e.count // pairs:3d}/pair  {e.key}")
+
+
+def main(argv=None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=300, help="training steps for the gradient bits")
     parser.add_argument("--out", default="results/codec.json")
+    parser.add_argument("--profile", action="store_true", help="only print the encode+decode profile")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.profile:
+        profile(device)
+        return None
     torch.set_num_threads(torch.get_num_threads())
     result = {
         "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -116,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, metavar="JSON", help="reuse the ok cells of this earlier output")
     p.add_argument("--no-profile", action="store_true", help="skip the loopback codec profile")
     p.add_argument("--profile-only", action="store_true",
-                   help="only the codec profile (merged into --resume's JSON when given)")
+                   help="only the codec profile, merged into --resume's JSON (required)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--render", default=None, metavar="JSON",
                    help="only rewrite the .md/.png (and derived fields of the .json) of an earlier output")
@@ -131,7 +131,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.steps_digits = a.steps_digits or q.get("steps_digits", 300)
     a.steps_mlp = a.steps_mlp or q.get("steps_mlp", 10)
     a.multibucket_rates = a.multibucket_rates or a.rates[:1]
-    a.out = a.out or ("results/raw/bench_net_quick" if a.quick else "results/bench_net")
+    if a.profile_only and not a.resume:
+        p.error("--profile-only merges into an earlier output: give --resume JSON")
+    default_out = str(Path(a.resume).with_suffix("")) if a.profile_only else (
+        "results/raw/bench_net_quick" if a.quick else "results/bench_net")
+    a.out = a.out or default_out
     bad = [h for h in a.hooks if h not in HOOKS] + [t for t in a.transports if t not in TRANSPORTS]
     if bad:
         p.error(f"unknown hook/transport {bad}")
@@ -438,12 +442,13 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001
             doc["codec_profile"] = {"error": f"{type(e).__name__}: {e}", "runs": []}
     doc["machine"]["loadavg_end"] = list(os.getloadavg())
-    end = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    doc["machine"]["git_commit_end"] = end
-    if end and end != doc["machine"].get("git_commit"):
-        doc["machine"]["git_log_during_run"] = subprocess.run(
-            ["git", "log", "--format=%h %ad %s", "--date=iso", f"{doc['machine']['git_commit']}..{end}"],
-            cwd=REPO, capture_output=True, text=True).stdout.strip().splitlines()
+    if not a.profile_only:  # (a profile merged later must not report commits as made "during" the matrix)
+        end = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        doc["machine"]["git_commit_end"] = end
+        if end and end != doc["machine"].get("git_commit"):
+            doc["machine"]["git_log_during_run"] = subprocess.run(
+                ["git", "log", "--format=%h %ad %s", "--date=iso", f"{doc['machine']['git_commit']}..{end}"],
+                cwd=REPO, capture_output=True, text=True).stdout.strip().splitlines()
     doc["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     if a.profile_only:
         doc["profile_wall_s"] = time.time() - t_start

@@ -379,13 +379,13 @@ def plot(doc: dict, path: Path) -> None:
 def write_outputs(doc: dict, out: Path, final: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     derive(doc["cells"], doc["settings"].get("tta_slack", 0.01))
+    if final:
+        doc["auto_transport"] = auto_transport_eval(doc["cells"])
+        doc["goals"] = goals(doc["cells"], argparse.Namespace(**doc["settings"]))
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     os.replace(tmp, out.with_suffix(".json"))
     if final:
-        doc["auto_transport"] = auto_transport_eval(doc["cells"])
-        doc["goals"] = goals(doc["cells"], argparse.Namespace(**doc["settings"]))
-        out.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
         out.with_suffix(".md").write_text(markdown(doc) + "\n")
         try:
             plot(doc, out.with_suffix(".png"))

@@ -43,11 +43,14 @@ TRANSPORTS = ("allreduce", "allgather", "sharded", "auto")
 class Comm:
     """A registered scheme plus its cumulative byte counters for this rank."""
 
-    def __init__(self, kind: str, ddp, state=None, info: dict | None = None):
+    def __init__(self, kind: str, numel: int, state=None, bytes_per_element: int | None = None):
+        """``numel`` gradient elements are synchronized per step. ``bytes_per_element``:
+        what a step hands over per element when no hook meters it (DDP's own
+        all-reduce: 4; Horovod's fp16 compression: 2); metered hooks count themselves."""
         self.kind = kind
         self.state = state
-        self.info = dict(info or {})
-        self._numel = sum(p.numel() for p in ddp.module.parameters() if p.requires_grad)
+        self._numel = numel
+        self._step_bytes = bytes_per_element
         self._sent = 0
         self._uncompressed = 0
 
@@ -62,9 +65,9 @@ class Comm:
         self._uncompressed += int(uncompressed)
 
     def step_done(self) -> None:
-        """Call after every optimizer step (DDP's own all-reduce has no hook)."""
-        if self.kind == "none":
-            self._add(self._numel * 4, self._numel * 4)
+        """Call after every optimizer step (counts the unmetered exchange, if any)."""
+        if self._step_bytes is not None:
+            self._add(self._numel * self._step_bytes, self._numel * 4)
 
     def counters(self) -> dict:
         """Cumulative bytes this rank handed to collectives (snapshot-friendly)."""
@@ -162,12 +165,13 @@ def setup_comm(
     ``start_powerSGD_iter`` (plain fp32 all-reduce before it), so the two are
     compared on equal terms.
     """
+    numel = sum(p.numel() for p in ddp.module.parameters() if p.requires_grad)
     if kind == "none":
-        return Comm(kind, ddp)
+        return Comm(kind, numel, bytes_per_element=4)  # DDP's own all-reduce has no hook to meter
     if kind == "fp16":
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-        comm = Comm(kind, ddp)
+        comm = Comm(kind, numel)
         ddp.register_comm_hook(process_group, _metered(default_hooks.fp16_compress_hook, comm, _fp16_bytes))
         return comm
     if kind in ("powersgd", "batched-powersgd"):
@@ -181,7 +185,7 @@ def setup_comm(
             use_error_feedback=error_feedback,
             random_seed=seed,
         )
-        comm = Comm(kind, ddp, state, {"powersgd_rank": powersgd_rank})
+        comm = Comm(kind, numel, state)
         if kind == "powersgd":
             ddp.register_comm_hook(state, _metered(ps.powerSGD_hook, comm, _powersgd_bytes))
         else:
@@ -202,7 +206,7 @@ def setup_comm(
             timeout=timeout,
         )
         ddp.register_comm_hook(state, threelc_hook)
-        return Comm(kind, ddp, state, {"sparsity": sparsity, "transport": transport})
+        return Comm(kind, numel, state)
     raise ValueError(f"unknown hook {kind!r}; choose from {KINDS}")
 
 

@@ -190,7 +190,11 @@ def run_steps(args, task, model, module, opt, meter, *, rank: int, world: int, d
             if progress is not None:
                 progress.write(f"[eval] step {done}: {run.evals[-1]}")
         if args.checkpoint and args.checkpoint_every and done % args.checkpoint_every == 0:
-            save(done)
+            saving = read_iface(args.wire_iface) if before_iface else None
+            save(done)  # gathers hook state: not training traffic, so kept out of the interface window
+            saved = read_iface(args.wire_iface) if saving else None
+            if saved:
+                before_iface = {k: before_iface[k] + saved[k] - saving[k] for k in before_iface}
     run.counters = (before, meter.counters())
     run.iface = (before_iface, read_iface(args.wire_iface))
     run.total_time_s = time.perf_counter() - t_begin

@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
@@ -63,7 +63,6 @@ class Task:
     batch_size: int  # global batch size (summed over ranks)
     lr: float  # default learning rate
     optimizer: str  # "sgd" (momentum 0.9) or "adam"
-    info: dict = field(default_factory=dict)  # plain facts, e.g. num_params
 
     def make_optimizer(self, params, lr: float | None = None, kind: str | None = None):
         """Build the task's default optimizer (overridable ``lr``/``kind``)."""
@@ -119,10 +118,6 @@ def _epoch_indices(seed: int, n: int, batch: int, step: int) -> torch.Tensor:
 @lru_cache(maxsize=4)
 def _perm(seed: int, n: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=gen(seed, "perm", epoch))
-
-
-def _num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _classification_eval(x, y, batch=1024):
@@ -194,7 +189,6 @@ def _digits(seed: int, batch_size: int, device) -> Task:
     return Task(
         "digits-cnn", model, F.cross_entropy, train_batch, _classification_eval(xte, yte),
         batch_size, lr=0.05, optimizer="sgd",
-        info={"num_params": _num_params(model), "train_size": n_train, "test_size": len(yte)},
     )
 
 
@@ -289,7 +283,6 @@ def _charlm(seed: int, batch_size: int, device, text_bytes: int = 1 << 20, seq_l
 
     return Task(
         "charlm", model, _lm_loss, train_batch, evaluate, batch_size, lr=3e-3, optimizer="adam",
-        info={"num_params": _num_params(model), "text_bytes": len(data), "seq_len": seq_len},
     )
 
 
@@ -331,7 +324,6 @@ def _mlp_wide(seed: int, batch_size: int, device, width: int = 2048, depth: int 
     return Task(
         "mlp-wide", model, F.cross_entropy, train_batch, _classification_eval(xte, yte),
         batch_size, lr=1e-3, optimizer="adam",
-        info={"num_params": _num_params(model), "width": width, "depth": depth},
     )
 
 

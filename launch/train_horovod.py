@@ -29,11 +29,11 @@ if __package__ in (None, ""):  # run as a script (horovodrun python launch/train
 import torch
 
 from launch import checkpoint
+from launch.comm import Comm
 from launch.loop import build_task, cross_rank, emit, restore_checkpoint, result_line, run_steps
 from launch.train import parse_args
 
 HOOKS = ("none", "fp16", "threelc")
-DEFAULT_BUCKET_CAP_MB = 4.0  # threelc.hooks.horovod.DistributedOptimizer's default
 
 
 def _horovod():
@@ -45,33 +45,6 @@ def _horovod():
     return hvd
 
 
-class Meter:
-    """Cumulative bytes this rank handed to collectives, as launch/comm.py's ``Comm.counters``."""
-
-    def __init__(self, hook: str, numel: int, optimizer):
-        self.hook, self.numel, self.optimizer = hook, numel, optimizer
-        self._sent = self._uncompressed = 0
-
-    def step_done(self) -> None:
-        if self.hook != "threelc":
-            self._sent += self.numel * (2 if self.hook == "fp16" else 4)
-            self._uncompressed += self.numel * 4
-
-    def counters(self) -> dict:
-        if self.hook == "threelc":
-            s = self.optimizer.stats
-            return {"sent": int(s["bytes_sent"]), "received": int(s["bytes_received"]),
-                    "uncompressed": int(s["uncompressed_bytes"])}
-        return {"sent": self._sent, "received": self._sent, "uncompressed": self._uncompressed}
-
-    def state_dict(self) -> dict | None:
-        return self.optimizer.threelc.state_dict() if self.hook == "threelc" else None
-
-    def load_state_dict(self, state: dict | None) -> None:
-        if state is not None and self.hook == "threelc":
-            self.optimizer.threelc.load_state_dict(state)
-
-
 def wrap_optimizer(hvd, hook: str, base, named_parameters, args):
     """The distributed optimizer for ``hook``."""
     if hook == "threelc":
@@ -79,13 +52,13 @@ def wrap_optimizer(hvd, hook: str, base, named_parameters, args):
 
         return DistributedOptimizer(base, named_parameters, sparsity=args.sparsity, transport=args.transport,
                                     start_iter=args.start_iter, error_feedback=not args.no_error_feedback,
-                                    bucket_cap_mb=args.bucket_cap_mb or DEFAULT_BUCKET_CAP_MB)
+                                    **({"bucket_cap_mb": args.bucket_cap_mb} if args.bucket_cap_mb else {}))
     compression = hvd.Compression.fp16 if hook == "fp16" else hvd.Compression.none
     return hvd.DistributedOptimizer(base, named_parameters=named_parameters, compression=compression,
                                     op=hvd.Average)
 
 
-def save_checkpoint(hvd, path: str, *, step: int, model, optimizer, meter: Meter, device, meta: dict) -> None:
+def save_checkpoint(hvd, path: str, *, step: int, model, optimizer, meter: Comm, device, meta: dict) -> None:
     """launch/checkpoint.py's layout, gathered with Horovod. Collective: every rank calls it."""
     mine = {"rng": checkpoint.capture_rng(device), "hook": checkpoint.to_cpu(meter.state_dict())}
     ranks = hvd.allgather_object(mine, name=f"train_horovod.checkpoint.{step}")
@@ -125,7 +98,9 @@ def _train(args, hvd, rank: int, world: int, device: torch.device) -> dict | Non
     base = task.make_optimizer(model.parameters(), lr=args.lr, kind=args.optimizer)
     opt = wrap_optimizer(hvd, args.hook, base, model.named_parameters(), args)
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    meter = Meter(args.hook, numel, opt)
+    threelc = args.hook == "threelc"
+    meter = Comm(args.hook, numel, opt.threelc if threelc else None,
+                 bytes_per_element=None if threelc else (2 if args.hook == "fp16" else 4))
     if ckpt is not None:
         restore_checkpoint(ckpt, opt, meter, world, rank, device, "train_horovod")
         del ckpt
@@ -143,12 +118,12 @@ def _train(args, hvd, rank: int, world: int, device: torch.device) -> dict | Non
                     zero_grad=opt.zero_grad,  # Horovod's zero_grad takes no arguments (sets None anyway)
                     save=save)
     train_loss, wire = cross_rank(args, run, gather_rows, world)
+    meter.close()  # all communication is done; park the 3LC thread
     if rank != 0:
         return None
-    threelc = args.hook == "threelc"
     result = result_line(args, task, run, world=world, final=task.evaluate(model), train_loss=train_loss,
                          wire=wire, num_params=numel, backend="horovod-gloo" if hvd.gloo_enabled() else "horovod",
-                         bucket_cap_mb=(args.bucket_cap_mb or DEFAULT_BUCKET_CAP_MB) if threelc else None,
+                         bucket_cap_mb=opt.bucket_cap_mb if threelc else None,
                          powersgd_rank=None, framework="horovod")
     emit(args, result, model)
     return result

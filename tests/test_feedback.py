@@ -84,7 +84,6 @@ def test_size_change_resets_with_a_warning():
     with pytest.warns(RuntimeWarning, match="resetting"):
         memory.step(3, torch.randn(12))
     assert memory.residuals[3].numel() == 12
-    assert memory.residuals[3].numel() == 12
 
 
 def test_segments_are_quantized_separately():

@@ -235,18 +235,20 @@ def subgroup_run(rank, world):
         return None
     model = Carrier()
     ddp = DDP(model, process_group=group, bucket_cap_mb=0.0005)
-    ddp.register_comm_hook(ThreeLCState(process_group=group, sparsity=1.3, transport="sharded", start_iter=1),
-                           threelc_hook)
+    state = ThreeLCState(process_group=group, sparsity=1.3, transport="sharded", start_iter=1)
+    ddp.register_comm_hook(state, threelc_hook)
     for step in range(4):
         model.zero_grad()
         ddp(gradients(rank, step)).backward()
-    return [p.grad.clone() for p in model.weights]
+    return {"grads": [p.grad.clone() for p in model.weights], "stats": state.stats}
 
 
 def test_sub_process_group(tmp_path):
     results = all_ok(run_ranks(subgroup_run, 3, workdir=tmp_path))
     assert results[2] is None
-    assert all(torch.equal(x, y) for x, y in zip(results[0], results[1]))
+    assert all(torch.equal(x, y) for x, y in zip(results[0]["grads"], results[1]["grads"]))
+    for r in results[:2]:  # 3 of 4 steps compressed (start_iter=1), among the 2 members only
+        assert r["stats"]["compressed_steps"] == 3 and r["stats"]["last_step"]["ratio"] > 2, r["stats"]
 
 
 class _OddBucket:

@@ -2,8 +2,7 @@
 
 Skipped unless running as root with iproute2 (``ip``, ``tc``).  Checks that
 the bytes which really crossed the veths are lower for compressed gradients
-than for DDP's fp32 all-reduce: fp16 always, 3LC once ``threelc.hooks`` has
-``ThreeLCState``.  About 15 s per run (torch start-up dominates).
+than for DDP's fp32 all-reduce, for fp16 and for 3LC.  About 15 s per run (torch start-up dominates).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
   resume, 5 more (final parameters compared with ``torch.equal``), for DDP's
   own all-reduce, for PowerSGD (per-bucket state; train.py settles DDP's
   bucket layout before resuming) and for 3LC (residuals travel in the
-  checkpoint) once ``threelc.hooks`` has it;
+  checkpoint);
 * the data factories shard a global batch independently of world size.
 
 Each torchrun costs ~5-15 s (mostly importing torch in 3 processes).
