@@ -9,12 +9,37 @@ The byte counters record what this rank hands to and gets back from collectives.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 
 
+class Pending:
+    """A collective in flight: ``done()`` polls it, ``wait()`` returns its result."""
+
+    def __init__(self, result, work=None, then: Callable | None = None):
+        self._result, self._work, self._then = result, work, then
+
+    def done(self) -> bool:
+        work = self._work
+        return work is None or (work.done() if isinstance(work, Pending) else work.is_completed())
+
+    def wait(self):
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        if self._then is not None:
+            self._result, self._then = self._then(self._result), None
+        return self._result
+
+
 class Collectives:
-    """Interface: ``rank``, ``world_size`` and four blocking collectives."""
+    """Interface: ``rank``, ``world_size``, four blocking collectives and two asynchronous ones.
+
+    The ``*_async`` variants return a ``Pending``; the defaults here run the blocking
+    call, so a backend without asynchronous collectives still works, only without overlap.
+    """
 
     rank: int
     world_size: int
@@ -38,16 +63,35 @@ class Collectives:
         """Send ``tensor.split(send_splits)[j]`` to rank j; receive ``recv_splits`` from each."""
         raise NotImplementedError
 
-    def allgather_bytes(self, payload: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-        """Every rank's uint8 ``payload`` (their lengths ``sizes`` already exchanged).
+    def allgather_bytes(self, payload: torch.Tensor, sizes: list[int],
+                        room: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Every rank's uint8 ``payload`` (their lengths ``sizes`` already exchanged)."""
+        return self.allgather_bytes_async(payload, sizes, room).wait()
 
-        Padding to the longest keeps it one fixed-size all-gather, which every backend has.
+    def allreduce_async(self, tensor: torch.Tensor, op: str) -> Pending:
+        return Pending(self.allreduce(tensor, op))
+
+    def allgather_async(self, tensor: torch.Tensor) -> Pending:
+        return Pending(self.allgather(tensor))
+
+    def allgather_bytes_async(self, payload: torch.Tensor, sizes: list[int],
+                              room: torch.Tensor | None = None) -> Pending:
+        """Padding to the longest keeps it one fixed-size all-gather, which every backend has.
+
+        ``room``, when given, is a buffer that begins with ``payload`` and may be longer:
+        its first ``max(sizes)`` bytes are sent as they are (the bytes after the payload
+        zeroed), which saves copying the payload into a padded buffer.
         """
         longest = max(sizes)
-        padded = torch.zeros(longest, dtype=torch.uint8, device=payload.device)
-        padded[: payload.numel()] = payload
-        gathered = self.allgather(padded)
-        return [gathered[r, :n] for r, n in enumerate(sizes)]
+        n = payload.numel()
+        if room is not None and room.numel() >= longest:
+            padded = room[:longest]
+            padded[n:].zero_()
+        else:
+            padded = torch.zeros(longest, dtype=torch.uint8, device=payload.device)
+            padded[:n] = payload
+        gathered = self.allgather_async(padded)
+        return Pending(gathered, gathered, then=lambda done: [row[:size] for row, size in zip(done.wait(), sizes)])
 
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
@@ -63,17 +107,24 @@ class TorchCollectives(Collectives):
         self.world_size = dist.get_world_size(group)
 
     def allreduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
-        result = tensor.clone()
-        dist.all_reduce(result, op=_OPS[op], group=self.group)
-        self._count(tensor, result)
-        return result
+        return self.allreduce_async(tensor, op).wait()
 
     def allgather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.allgather_async(tensor).wait()
+
+    def allreduce_async(self, tensor: torch.Tensor, op: str) -> Pending:
+        result = tensor.clone()
+        work = dist.all_reduce(result, op=_OPS[op], group=self.group, async_op=True)
+        self._count(tensor, result)
+        return Pending(result, work)
+
+    def allgather_async(self, tensor: torch.Tensor) -> Pending:
         flat = tensor.reshape(-1).contiguous()
         result = torch.empty(self.world_size * flat.numel(), dtype=tensor.dtype, device=tensor.device)
-        dist.all_gather_single(result, flat, group=self.group)  # gloo takes the concatenated form only
+        # gloo takes the concatenated form only
+        work = dist.all_gather_into_tensor(result, flat, group=self.group, async_op=True)
         self._count(tensor, result)
-        return result.view(self.world_size, *tensor.shape)
+        return Pending(result.view(self.world_size, *tensor.shape), work)
 
     def alltoall(self, tensor: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
         result = torch.empty(sum(recv_splits), *tensor.shape[1:], dtype=tensor.dtype, device=tensor.device)

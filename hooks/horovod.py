@@ -72,7 +72,7 @@ except ImportError as _error:  # pragma: no cover - exercised by a subprocess te
         "(builds Horovod 0.28.1 with Gloo against the installed torch)"
     ) from _error
 
-from .collectives import Collectives
+from .collectives import Collectives, Pending
 from .ddp import ThreeLCState
 
 __all__ = ["DistributedOptimizer", "HorovodCollectives", "HorovodThreeLCState"]
@@ -112,10 +112,13 @@ class HorovodCollectives(Collectives):
         return f"{self.prefix}.{self._tag}.{kind}{self._calls}"
 
     def allreduce(self, tensor, op):
+        return self.allreduce_async(tensor, op).wait()
+
+    def allreduce_async(self, tensor, op):
         wire = tensor.to(_ALLREDUCE_WIDER.get(tensor.dtype, tensor.dtype)).contiguous()
-        result = hvd.synchronize(hvd.allreduce_async(wire, op=_ALLREDUCE_OPS[op], name=self._name("allreduce")))
-        self._count(wire, result)
-        return result.to(tensor.dtype)
+        handle = _Handle(hvd.allreduce_async(wire, op=_ALLREDUCE_OPS[op], name=self._name("allreduce")))
+        self._count(wire, wire)
+        return Pending(None, handle, then=lambda _: handle.output.to(tensor.dtype))
 
     def allgather(self, tensor):
         bits = _ALLGATHER_BITS.get(tensor.dtype)
@@ -125,15 +128,20 @@ class HorovodCollectives(Collectives):
         result = result.view(self.world_size, *tensor.shape)
         return result.view(tensor.dtype) if bits is not None else result
 
-    def allgather_bytes(self, payload, sizes):
-        """Horovod gathers different lengths natively: no padding."""
+    def allgather_bytes_async(self, payload, sizes, room=None):
+        """Horovod gathers different lengths natively: no padding (``room`` is not needed)."""
         payload = payload.contiguous()
-        result = hvd.synchronize(hvd.allgather_async(payload, name=self._name("allgather_bytes")))
-        self._count(payload, result)
-        if result.numel() != sum(sizes):
-            raise RuntimeError(f"allgather returned {result.numel()} bytes; the exchanged sizes {sizes} "
-                               f"add up to {sum(sizes)}")
-        return list(result.split(list(sizes)))
+        handle = _Handle(hvd.allgather_async(payload, name=self._name("allgather_bytes")))
+        self._count(payload, sum(sizes))
+
+        def split(_):
+            result = handle.output
+            if result.numel() != sum(sizes):
+                raise RuntimeError(f"allgather returned {result.numel()} bytes; the exchanged sizes {sizes} "
+                                   f"add up to {sum(sizes)}")
+            return list(result.split(list(sizes)))
+
+        return Pending(None, handle, then=split)
 
     def alltoall(self, tensor, send_splits, recv_splits):
         splits = torch.tensor(list(send_splits), dtype=torch.int32)
@@ -143,6 +151,20 @@ class HorovodCollectives(Collectives):
             raise RuntimeError(f"alltoall received splits {received.tolist()}, expected {list(recv_splits)}")
         self._count(tensor, result)
         return result
+
+
+class _Handle:
+    """A Horovod handle as the ``Pending`` protocol wants it (``is_completed``, ``wait``)."""
+
+    def __init__(self, handle):
+        self.handle, self.output = handle, None
+
+    def is_completed(self) -> bool:
+        return self.output is not None or hvd.poll(self.handle)
+
+    def wait(self) -> None:
+        if self.output is None:
+            self.output = hvd.synchronize(self.handle)
 
 
 _EXTRA_FIELDS = ("op", "backward_passes_per_step", "layout_digest")
@@ -395,10 +417,10 @@ class _ThreeLCDistributedOptimizer:
 
         def job():
             state._comm.begin(f"b{index}")
-            average = state._reduce_bucket(step, index, keys, flat, segments, compress, last)
-            return average.mul_(scale) if scale is not None else average
+            deferred = state._reduce_bucket(step, index, keys, flat, segments, compress, last)
+            return deferred if scale is None else deferred.wrapped(lambda finish: finish().mul_(scale))
 
-        self._futures.append(state._pipeline.submit(job, flat.device))
+        self._futures.append(state._pipeline.submit(job, flat.device, flush=last))
 
     def _wait_quietly(self) -> None:
         for future in self._futures:

@@ -1,12 +1,18 @@
-"""One ordered communication thread per hook state.
+"""One ordered communication thread per hook state, two buckets in flight.
 
 DDP calls a comm hook once per bucket, in the same bucket order on every rank. 3LC
 needs several *dependent* collectives per bucket (agree, exchange sizes, exchange
 payloads). Chaining them from future callbacks, as PyTorch's PowerSGD hook does,
 lets two buckets' collectives interleave differently on different ranks, which hangs
-or mismatches on gloo. Here every bucket's whole exchange runs as one job on a single
-thread, jobs in submission order, so all ranks issue identical collective sequences
-while backward goes on computing the next buckets.
+or mismatches on gloo. Here every bucket runs as a job on a single thread, jobs in
+submission order, so all ranks issue identical collective sequences while backward
+goes on computing the next buckets.
+
+A job runs its bucket up to the last collective, which it leaves in flight, and hands
+back a ``Deferred`` for the rest. The thread then starts the next bucket (if one is
+queued) before finishing the previous one, so bucket k+1's encoding overlaps bucket
+k's transfer and bucket k's decoding overlaps bucket k+1's. Finishing issues no
+collective, so the order of collectives stays the bucket order whatever the timing.
 """
 
 from __future__ import annotations
@@ -31,8 +37,45 @@ def _close_all() -> None:
         pipeline.close(timeout=30.0)
 
 
+class Deferred:
+    """The rest of one bucket's exchange once its last collective is in flight.
+
+    ``ready()`` polls the collectives it waits for; ``finish()`` waits for them, decodes,
+    stores the residuals and returns the average. The pipeline starts the next bucket
+    before it finishes this one, so the codec work of one overlaps the transfer of the other.
+    """
+
+    def __init__(self, finish: Callable[[], object], pending: tuple = ()):
+        self._finish, self._pending = finish, pending
+
+    def ready(self) -> bool:
+        return all(p.done() for p in self._pending)
+
+    def finish(self) -> torch.Tensor:
+        return self._finish()
+
+    def wrapped(self, wrapper: Callable[[Callable[[], object]], object]) -> "Deferred":
+        """The same exchange, its ``finish`` run as ``wrapper(finish)``."""
+        return Deferred(lambda: wrapper(self._finish), self._pending)
+
+    @classmethod
+    def of(cls, value) -> "Deferred":
+        return cls(lambda: value)
+
+
+# While a bucket's transfer is in flight and no job is queued, the thread checks on
+# both this often: short enough to start a late bucket promptly, long enough not to
+# take CPU from backward.
+POLL_SECONDS = 0.001
+
+
 class CommPipeline:
-    """Runs submitted jobs one at a time, in order, and hands back their futures."""
+    """Runs submitted jobs one at a time, in order, and hands back their futures.
+
+    A job returns a ``Deferred`` (``ready()``, ``finish()``); its future completes with
+    what ``finish()`` returns. ``flush=True`` finishes a job before taking the next one
+    (the last bucket of a step: nothing comes after it to overlap with).
+    """
 
     def __init__(self, name: str = "threelc-comm"):
         self._name = name
@@ -40,7 +83,7 @@ class CommPipeline:
         self._thread: threading.Thread | None = None
         self._streams: dict[torch.device, object] = {}
 
-    def submit(self, job: Callable[[], torch.Tensor], device: torch.device) -> torch.futures.Future:
+    def submit(self, job: Callable[[], object], device: torch.device, flush: bool = True) -> torch.futures.Future:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
             self._thread.start()
@@ -53,25 +96,55 @@ class CommPipeline:
             ready.record(torch.cuda.current_stream(device))
         else:
             future, ready = torch.futures.Future(), None
-        self._jobs.put((job, future, ready, device))
+        self._jobs.put((job, future, ready, device, flush))
         return future
 
+    def _in_stream(self, device, ready, fn):
+        if device.type != "cuda":
+            return fn()
+        stream = self._streams.setdefault(device, torch.cuda.Stream(device))
+        with torch.cuda.stream(stream):
+            if ready is not None:
+                stream.wait_event(ready)
+            return fn()
+
+    def _complete(self, pending) -> None:
+        deferred, future, device = pending
+        try:
+            future.set_result(self._in_stream(device, None, deferred.finish))
+        except BaseException as error:  # noqa: BLE001 - the future carries it to backward()
+            future.set_exception(error)
+
     def _run(self) -> None:
+        pending = None  # (deferred, future, device) of the job started last, not yet finished
         while True:
-            item = self._jobs.get()
-            if item is None:
-                return
-            job, future, ready, device = item
-            try:
-                if ready is None:
-                    future.set_result(job())
+            if pending is None:
+                item = self._jobs.get()
+            else:
+                try:
+                    item = self._jobs.get(timeout=0 if pending[0].ready() else POLL_SECONDS)
+                except queue.Empty:
+                    if pending[0].ready():
+                        self._complete(pending)
+                        pending = None
                     continue
-                stream = self._streams.setdefault(device, torch.cuda.Stream(device))
-                with torch.cuda.stream(stream):
-                    stream.wait_event(ready)
-                    future.set_result(job())
-            except BaseException as error:  # noqa: BLE001 - the future carries it to backward()
+            if item is None:
+                if pending is not None:
+                    self._complete(pending)
+                return
+            job, future, ready, device, flush = item
+            try:
+                result = self._in_stream(device, ready, job)
+                started = (result if isinstance(result, Deferred) else Deferred.of(result), future, device)
+            except BaseException as error:  # noqa: BLE001
                 future.set_exception(error)
+                started = None
+            if pending is not None:
+                self._complete(pending)
+            pending = started
+            if pending is not None and flush:
+                self._complete(pending)
+                pending = None
 
     def close(self, timeout: float | None = None) -> None:
         """Let the thread finish the queued jobs and stop (a later submit starts a new one)."""

@@ -19,11 +19,12 @@ from typing import Hashable
 
 import torch
 
-from threelc import DecodeError, ErrorFeedback, decode_quantized, dequantize, encode_quantized
-from threelc.lanes import pack_lanes, unpack_lane_sums
-from threelc.quantize import quantize_with_scales, scales_from_absmax, segment_absmax, subtract_decoded
+from threelc import DecodeError, ErrorFeedback
+from threelc.backends import Codec, Encoded, Layout, codec_for
+from threelc.quantize import scales_from_absmax
 
 from .collectives import Collectives
+from .pipeline import Deferred
 
 # Status a server reports with its aggregate's size (sharded transport).
 OK, NOT_FINITE, UNDECODABLE = 0, 1, 2
@@ -35,7 +36,11 @@ def shard_lengths(length: int, world_size: int) -> list[int]:
 
 
 class Transport:
-    """Common parts: the collectives, the worker residuals, timing and a peer check."""
+    """Common parts: the collectives, the worker residuals, timing and layouts.
+
+    ``start(keys, grad, segments)`` runs a bucket up to its last collective and returns
+    a ``Deferred``; ``reduce`` is start and finish in one call.
+    """
 
     name = ""
 
@@ -44,40 +49,64 @@ class Transport:
         self.memory = ErrorFeedback(sparsity, error_feedback)
         self.seconds = {"encode": 0.0, "decode": 0.0}
         self.zeros = 0  # ternary zeros this rank produced, for the stats
+        self._layouts: dict = {}
 
     @property
     def sparsity(self) -> float:
         return self.memory.sparsity
 
-    def reduce(self, keys: list[Hashable], grad: torch.Tensor, segments: list[int]) -> torch.Tensor:
-        """Average of ``grad`` (flat) over all ranks, as float32.
+    def start(self, keys: list[Hashable], grad: torch.Tensor, segments: list[int],
+              out: torch.Tensor | None = None) -> Deferred:
+        """Begin averaging ``grad`` (flat) over all ranks; the result is float32.
 
         ``segments`` are the lengths of the tensors packed in ``grad`` (one scale each)
         and ``keys`` name them, so each keeps its residual however they are grouped.
+        ``out`` (float32, ``grad``'s size, may be ``grad`` itself) receives the average.
         """
         raise NotImplementedError
+
+    def reduce(self, keys, grad, segments, out=None) -> torch.Tensor:
+        return self.start(keys, grad, segments, out).finish()
+
+    def _layout(self, segments: list[int]) -> Layout:
+        key = tuple(segments)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = Layout(segments)
+        return layout
+
+    @staticmethod
+    def _encode(memory: ErrorFeedback, keys, x: torch.Tensor, layout: Layout, codec: Codec,
+                dtype: torch.dtype) -> Encoded:
+        """Encode ``x`` (laid out as ``layout``) with ``memory``'s residual for ``keys``."""
+        residual = memory.residual(keys, layout.lengths, x.device)
+        residual_out = memory.spare(keys, x.numel(), x.device) if memory.enabled else None
+        return codec.encode(x, residual, layout, memory.sparsity, dtype=dtype, feedback=memory.enabled,
+                            residual_out=residual_out)
+
+    @staticmethod
+    def _output(out: torch.Tensor | None, numel: int, device: torch.device) -> torch.Tensor:
+        if out is not None and out.dtype == torch.float32 and out.is_contiguous() and out.numel() == numel:
+            return out.view(-1)
+        return torch.empty(numel, dtype=torch.float32, device=device)
 
     def _timed(self, phase: str, start: float) -> None:
         self.seconds[phase] += time.perf_counter() - start
 
-    def _count_zeros(self, q: torch.Tensor) -> None:
-        self.zeros += q.numel() - int(torch.count_nonzero(q))
+    @staticmethod
+    def _not_finite(numel: int, device: torch.device) -> Deferred:
+        return Deferred.of(torch.full((numel,), float("nan"), dtype=torch.float32, device=device))
 
     @staticmethod
-    def _not_finite(numel: int, device: torch.device) -> torch.Tensor:
-        return torch.full((numel,), float("nan"), dtype=torch.float32, device=device)
-
-    @staticmethod
-    def _decode_peer(rank: int, payload: torch.Tensor, segments: list[int], what: str) -> torch.Tensor:
-        """Decode a payload from ``rank`` that must describe exactly ``segments``."""
+    def _decode_peers(codec: Codec, payloads, layout: Layout, out: torch.Tensor, what: str, average: bool = True,
+                      ranks: list[int] | None = None) -> torch.Tensor:
+        """Decode payloads (from ``ranks``, default 0..N-1) that must describe ``layout``'s lengths."""
         try:
-            q, scales, header = decode_quantized(payload)
+            return codec.decode(payloads, layout, out, average=average)
         except DecodeError as error:
+            index = getattr(error, "payload_index", 0)
+            rank = ranks[index] if ranks is not None else index
             raise DecodeError(f"{what} from rank {rank}: {error}") from error
-        if header.segments != segments:
-            raise DecodeError(f"{what} from rank {rank} describes {header.numel} elements in "
-                              f"{len(header.segments)} segments; expected {sum(segments)} in {len(segments)}")
-        return dequantize(q, scales, segments)
 
     def reset(self) -> None:
         """Forget every residual."""
@@ -95,27 +124,27 @@ class AllgatherTransport(Transport):
 
     name = "allgather"
 
-    def reduce(self, keys, grad, segments):
+    def start(self, keys, grad, segments, out=None):
+        device, layout, codec = grad.device, self._layout(segments), codec_for(grad.device)
         start = time.perf_counter()
-        quantized = self.memory.quantize(keys, grad, segments)
-        payload = (encode_quantized(quantized.q, quantized.scale, segments, grad.dtype) if quantized.finite
-                   else torch.empty(0, dtype=torch.uint8, device=grad.device))
+        encoded = self._encode(self.memory, keys, grad, layout, codec, grad.dtype)
         self._timed("encode", start)
-        meta = self.comm.allgather(torch.tensor([payload.numel(), quantized.finite], device=grad.device)).cpu()
+        # The payload size and the finiteness flag ride in one small all-gather.
+        meta = self.comm.allgather(torch.tensor([encoded.payload.numel(), encoded.finite], device=device)).cpu()
         if not bool(meta[:, 1].all()):
-            return self._not_finite(grad.numel(), grad.device)
-        payloads = self.comm.allgather_bytes(payload, meta[:, 0].tolist())
-        start = time.perf_counter()
-        total = torch.zeros(grad.numel(), dtype=torch.float32, device=grad.device)
-        for rank, peer_payload in enumerate(payloads):  # rank order: the same sum everywhere
-            if rank == self.comm.rank:
-                total += dequantize(quantized.q, quantized.scale, segments)
-            else:
-                total += self._decode_peer(rank, peer_payload, segments, "payload")
-        self._timed("decode", start)
-        self._count_zeros(quantized.q)
-        self.memory.commit(keys, quantized, segments)
-        return total.div_(self.comm.world_size)
+            return self._not_finite(grad.numel(), device)
+        payloads = self.comm.allgather_bytes_async(encoded.payload, meta[:, 0].tolist(), encoded.room)
+
+        def finish():
+            gathered = payloads.wait()
+            start = time.perf_counter()
+            average = self._decode_peers(codec, gathered, layout, self._output(out, grad.numel(), device), "payload")
+            self._timed("decode", start)
+            self.zeros += encoded.zeros
+            self.memory.commit(keys, encoded.residual, segments)
+            return average
+
+        return Deferred(finish, (payloads,))
 
 
 class AllreduceTransport(Transport):
@@ -123,31 +152,36 @@ class AllreduceTransport(Transport):
 
     name = "allreduce"
 
-    def reduce(self, keys, grad, segments):
-        world = self.comm.world_size
+    def start(self, keys, grad, segments, out=None):
+        world, device, layout, codec = self.comm.world_size, grad.device, self._layout(segments), codec_for(grad.device)
         start = time.perf_counter()
-        compensated = self.memory.compensate(keys, grad, segments)
-        absmax = segment_absmax(compensated, segments)
+        residual = self.memory.residual(keys, segments, device)
+        absmax = codec.absmax(grad, residual, layout)
         finite = torch.isfinite(absmax)
         # The last entry is a "some rank is not finite" flag; NaN itself would not survive MAX.
         proposal = torch.cat([torch.where(finite, absmax, 0.0), (~finite.all()).float().reshape(1)])
         self._timed("encode", start)
         agreed = self.comm.allreduce(proposal, "max")
         if agreed[-1].item() > 0:
-            return self._not_finite(grad.numel(), grad.device)
+            return self._not_finite(grad.numel(), device)
         start = time.perf_counter()
         scales = scales_from_absmax(agreed[:-1], self.sparsity)
-        q = quantize_with_scales(compensated, scales, segments)
-        words = pack_lanes(q, world)
+        residual_out = self.memory.spare(keys, grad.numel(), device) if self.memory.enabled else None
+        words, new_residual, zeros = codec.encode_lanes(grad, residual, layout, scales, world,
+                                                        feedback=self.memory.enabled, residual_out=residual_out)
         self._timed("encode", start)
-        summed = self.comm.allreduce(words, "sum")
-        start = time.perf_counter()
-        average = dequantize(unpack_lane_sums(summed, grad.numel(), world), scales, segments).div_(world)
-        self._timed("decode", start)
-        self._count_zeros(q)
-        if self.memory.enabled:
-            self.memory.commit(keys, subtract_decoded(compensated, q, scales, segments), segments)
-        return average
+        summed = self.comm.allreduce_async(words, "sum")
+
+        def finish():
+            words = summed.wait()
+            start = time.perf_counter()
+            average = codec.decode_lanes(words, layout, scales, world, self._output(out, grad.numel(), device))
+            self._timed("decode", start)
+            self.zeros += zeros
+            self.memory.commit(keys, new_residual, segments)
+            return average
+
+        return Deferred(finish, (summed,))
 
 
 class ShardedTransport(Transport):
@@ -164,69 +198,82 @@ class ShardedTransport(Transport):
     def __init__(self, collectives, sparsity, error_feedback=True):
         super().__init__(collectives, sparsity, error_feedback)
         self.server_memory = ErrorFeedback(sparsity, error_feedback)
+        self._plans: dict = {}
 
-    def reduce(self, keys, grad, segments):
-        world, me, device = self.comm.world_size, self.comm.rank, grad.device
-        # shards[j][i]: length of server j's piece of tensor i. Worker quantization uses
-        # one scale per (tensor, server) piece, in bucket order.
-        shards = list(zip(*(shard_lengths(n, world) for n in segments)))
-        refined = [shards[j][i] for i in range(len(segments)) for j in range(world)]
+    def _plan(self, segments: list[int]):
+        """Per server j: its piece of every tensor, as a layout into the bucket (cached per bucket layout)."""
+        key = tuple(segments)
+        plan = self._plans.get(key)
+        if plan is None:
+            world = self.comm.world_size
+            pieces = [shard_lengths(n, world) for n in segments]  # pieces[i][j]
+            starts, position = [], 0
+            for row in pieces:
+                starts.append([position + sum(row[:j]) for j in range(world)])
+                position += sum(row)
+            servers = [Layout([pieces[i][j] for i in range(len(segments))],
+                              [starts[i][j] for i in range(len(segments))]) for j in range(world)]
+            # Worker residuals: one per (tensor, server) piece, in bucket order.
+            refined = [n for row in pieces for n in row]
+            plan = self._plans[key] = (servers, refined, Layout(servers[self.comm.rank].lengths))
+        return plan
+
+    def start(self, keys, grad, segments, out=None):
+        world, me, device, codec = self.comm.world_size, self.comm.rank, grad.device, codec_for(grad.device)
+        servers, refined, mine = self._plan(segments)
         worker_keys = [(k, j) for k in keys for j in range(world)]
         start = time.perf_counter()
-        quantized = self.memory.quantize(worker_keys, grad, refined)
+        residual = self.memory.residual(worker_keys, refined, device)
+        residual_out = self.memory.spare(worker_keys, grad.numel(), device) if self.memory.enabled else None
+        encoded = [codec.encode(grad, residual, servers[j], self.sparsity, dtype=grad.dtype,
+                                feedback=self.memory.enabled, residual_out=residual_out) for j in range(world)]
+        finite = all(e.finite for e in encoded)
         empty = torch.empty(0, dtype=torch.uint8, device=device)
-        payloads = [empty] * world
-        if quantized.finite:
-            q_pieces = quantized.q.split(refined)
-            scales = quantized.scale.view(len(segments), world)
-            payloads = [encode_quantized(torch.cat(q_pieces[j::world]), scales[:, j], list(shards[j]),
-                                         grad.dtype) for j in range(world)]
+        payloads = [e.payload if finite else empty for e in encoded]
         self._timed("encode", start)
         send_sizes = [p.numel() for p in payloads]
-        meta = torch.tensor([[n, quantized.finite] for n in send_sizes], device=device).view(-1)
+        meta = torch.tensor([[n, finite] for n in send_sizes], device=device).view(-1)
         meta = self.comm.alltoall(meta, [2] * world, [2] * world).view(world, 2).cpu()
         if not bool(meta[:, 1].all()):  # each rank told every peer its flag: all agree
             return self._not_finite(grad.numel(), device)
         recv_sizes = meta[:, 0].tolist()
         received = self.comm.alltoall(torch.cat(payloads), send_sizes, recv_sizes).split(recv_sizes)
 
-        mine = list(shards[me])
-        status, problem, served, aggregate = OK, "", None, empty
+        status, problem, served = OK, "", None
         start = time.perf_counter()
         try:
-            total = torch.zeros(sum(mine), dtype=torch.float32, device=device)
-            for rank, piece in enumerate(received):
-                total += self._decode_peer(rank, piece, mine, "shard")
-            served = self.server_memory.quantize(list(keys), total.div_(world), mine)
-            if served.finite:
-                aggregate = encode_quantized(served.q, served.scale, mine, grad.dtype)
-            else:
-                status = NOT_FINITE
+            total = self._decode_peers(codec, received, mine,
+                                       torch.empty(mine.numel, dtype=torch.float32, device=device), "shard")
+            served = self._encode(self.server_memory, list(keys), total, mine, codec, grad.dtype)
+            status = OK if served.finite else NOT_FINITE
         except DecodeError as error:
             status, problem = UNDECODABLE, str(error)
         self._timed("decode", start)
-
+        aggregate = served.payload if status == OK else empty
         meta = self.comm.allgather(torch.tensor([aggregate.numel(), status], device=device)).cpu()
         statuses = meta[:, 1].tolist()
         if UNDECODABLE in statuses:
-            servers = [r for r, s in enumerate(statuses) if s == UNDECODABLE]
-            raise DecodeError(f"server rank(s) {servers} could not decode their shard"
+            failed = [r for r, s in enumerate(statuses) if s == UNDECODABLE]
+            raise DecodeError(f"server rank(s) {failed} could not decode their shard"
                               + (f": {problem}" if problem else ""))
         if NOT_FINITE in statuses:
             return self._not_finite(grad.numel(), device)
-        aggregates = self.comm.allgather_bytes(aggregate, meta[:, 0].tolist())
-        start = time.perf_counter()
-        averaged = [
-            (dequantize(served.q, served.scale, mine) if rank == me
-             else self._decode_peer(rank, aggregates[rank], list(shards[rank]), "aggregate")).split(shards[rank])
-            for rank in range(world)
-        ]
-        average = torch.cat([averaged[j][i] for i in range(len(segments)) for j in range(world)])
-        self._timed("decode", start)
-        self._count_zeros(quantized.q)
-        self.memory.commit(worker_keys, quantized, refined)
-        self.server_memory.commit(list(keys), served, mine)
-        return average
+        aggregates = self.comm.allgather_bytes_async(aggregate, meta[:, 0].tolist(), served.room)
+
+        def finish():
+            gathered = aggregates.wait()
+            start = time.perf_counter()
+            average = self._output(out, grad.numel(), device)
+            for rank in range(world):  # each server's aggregate lands on its pieces of every tensor
+                self._decode_peers(codec, [gathered[rank]], servers[rank], average, "aggregate", average=False,
+                                   ranks=[rank])
+            self._timed("decode", start)
+            self.zeros += sum(e.zeros for e in encoded)
+            self.memory.commit(worker_keys, residual_out if self.memory.enabled else None, refined)
+            self.server_memory.commit(list(keys), served.residual, list(mine.lengths))
+            return average
+
+        return Deferred(finish, (aggregates,))
 
     def reset(self) -> None:
         super().reset()
@@ -250,8 +297,6 @@ def choose_transport(name: str, world_size: int) -> str:
     2 (N - 1) / N payloads' worth, at the price of four collectives instead of two:
     equal bytes at N = 2 (allgather wins on latency), sharded ahead from N = 3 on.
     allreduce never wins on bytes (no zero-run encoding: 3 to 6 bits per value).
-    Measured on the testbed (README, "Bandwidth-limited multi-node testbed"): at 4 nodes
-    on mlp-wide sharded took 0.38 s a step against 0.96 s for allgather.
     """
     if name != "auto":
         return name

@@ -132,6 +132,15 @@ def suite_exact(hvd):
     return {t: carrier_run(hvd, t) for t in TRANSPORTS}
 
 
+def suite_exact_torch(hvd):
+    """``exact`` again on the pure-PyTorch codec backend (``exact`` runs the default one)."""
+    os.environ["THREELC_BACKEND"] = "torch"
+    try:
+        return suite_exact(hvd)
+    finally:
+        del os.environ["THREELC_BACKEND"]
+
+
 def suite_variants(hvd):
     return {name: carrier_run(hvd, **settings) for name, settings in VARIANTS.items()}
 

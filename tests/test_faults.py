@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `launch` lives a
 import threelc  # noqa: E402
 from launch.runner import REPO, parse_result, torchrun_cmd, worker_env  # noqa: E402
 from threelc.hooks import ThreeLCState, threelc_hook  # noqa: E402
-from threelc.hooks.collectives import Collectives  # noqa: E402
+from threelc.hooks.collectives import Collectives, Pending  # noqa: E402
 from threelc.hooks.transports import TRANSPORTS  # noqa: E402
 
 from ranks import RankFailed, all_ok, run_ranks  # noqa: E402
@@ -335,9 +335,9 @@ class HostileCollectives(Collectives):
         self._count(tensor, result)
         return result
 
-    def allgather_bytes(self, payload, sizes):
+    def allgather_bytes_async(self, payload, sizes, room=None):
         if not self._active("allgather"):
-            return super().allgather_bytes(payload, sizes)
+            return super().allgather_bytes_async(payload, sizes, room)
         payload = self._payload(payload)
         # The agreed buffer size is max(sizes); a sender whose payload does not fit
         # hands over a larger tensor, which breaks the exchange (gloo: size mismatch).
@@ -345,7 +345,7 @@ class HostileCollectives(Collectives):
         padded[: payload.numel()] = payload
         gathered = self._call(self.inner.allgather, padded)
         self._count(padded, gathered)
-        return [gathered[r, :n] for r, n in enumerate(sizes)]
+        return Pending([gathered[r, :n] for r, n in enumerate(sizes)])
 
     def alltoall(self, tensor, send_splits, recv_splits):
         if self._active("alltoall"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 
 import pytest
@@ -19,6 +20,8 @@ from reference import Reference
 
 SHAPES = [(40, 30), (30,), (7, 5, 3), (1,), (300,), (20, 20)]
 TRANSPORTS = ["allgather", "allreduce", "sharded"]
+# The hook runs on every codec backend this checkout has; each must equal the reference.
+BACKENDS = ["native", "torch"] if threelc.backends.NATIVE is not None else ["torch"]
 
 
 class Carrier(nn.Module):
@@ -42,8 +45,9 @@ def gradients(rank, step, shapes=SHAPES, dtype=torch.float32):
 
 
 def train_carrier(rank, world, transport, sparsity=1.5, steps=6, dtype=torch.float32, bucket_view=False,
-                  unused=False, start_iter=1, poison=None):
+                  unused=False, start_iter=1, poison=None, backend="auto"):
     """DDP over the carrier model; returns every step's averaged gradients and bucket layouts."""
+    os.environ["THREELC_BACKEND"] = backend
     model = Carrier(dtype=dtype, unused=unused)
     ddp = DDP(model, bucket_cap_mb=0.0005, gradient_as_bucket_view=bucket_view, find_unused_parameters=unused)
     state = ThreeLCState(sparsity=sparsity, transport=transport, start_iter=start_iter)
@@ -146,17 +150,19 @@ def exact_runs(tmp_path_factory):
 
     def get(world):
         if world not in cache:
-            scenarios = [{"transport": t} for t in TRANSPORTS]
+            runs = [(t, b) for t in TRANSPORTS for b in BACKENDS]
+            scenarios = [{"transport": t, "backend": b} for t, b in runs]
             results = scenario_results(world, scenarios, tmp_path_factory.mktemp(f"world{world}"))
-            cache[world] = dict(zip(TRANSPORTS, results))
+            cache[world] = dict(zip(runs, results))
         return cache[world]
     return get
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("world", [2, 3, 4])
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_hook_equals_codec_reference_and_ranks_agree(world, transport, exact_runs):
-    results = exact_runs(world)[transport]
+def test_hook_equals_codec_reference_and_ranks_agree(world, transport, backend, exact_runs):
+    results = exact_runs(world)[(transport, backend)]
     assert_ranks_agree(results)
     assert max(b for _, b in results[0]["layouts"]) >= 2, "the test needs several buckets"
     assert_matches_reference(results[0], world, transport, 1.5)
@@ -171,6 +177,10 @@ VARIANTS = {
     **{f"bucket-view-unused-{t}": {"transport": t, "steps": 4, "bucket_view": True, "unused": True}
        for t in TRANSPORTS},
     "auto": {"transport": "auto", "steps": 3},
+    **{f"{name}-{t}-torch-backend": {"transport": t, "sparsity": 1.2, "steps": 4, "dtype": dtype, "backend": "torch"}
+       for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)) for t in TRANSPORTS},
+    **{f"{name}-{t}": {"transport": t, "sparsity": 1.2, "steps": 4, "dtype": dtype}
+       for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)) for t in ("allreduce", "sharded")},
 }
 
 
@@ -193,13 +203,16 @@ def test_dtypes_bucket_views_and_unused_parameters(variant, variant_runs):
 
 @pytest.fixture(scope="module")
 def non_finite_runs(tmp_path_factory):
-    scenarios = [{"transport": t, "steps": 5, "poison": (1, 2, 0)} for t in TRANSPORTS]  # rank 1, step 2, param 0
-    return dict(zip(TRANSPORTS, scenario_results(3, scenarios, tmp_path_factory.mktemp("nonfinite"))))
+    runs = [(t, b) for t in TRANSPORTS for b in BACKENDS]
+    scenarios = [{"transport": t, "backend": b, "steps": 5, "poison": (1, 2, 0)}  # rank 1, step 2, param 0
+                 for t, b in runs]
+    return dict(zip(runs, scenario_results(3, scenarios, tmp_path_factory.mktemp("nonfinite"))))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_non_finite_gradient_on_one_rank(transport, non_finite_runs):
-    bad_step, results = 2, non_finite_runs[transport]
+def test_non_finite_gradient_on_one_rank(transport, backend, non_finite_runs):
+    bad_step, results = 2, non_finite_runs[(transport, backend)]
     for result in results:
         assert result["residuals_finite"]
         assert result["history"][bad_step][0].isnan().any(), "every rank must see the overflow"

@@ -92,14 +92,14 @@ def run_worker(np: int, suites: list[str], out: Path, timeout: float = 400) -> l
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory):
     out = tmp_path_factory.mktemp("hvd2")
-    results = run_worker(2, ["api", "exact", "variants", "mismatch", "checkpoint", "digits", "train_entry"], out)
+    results = run_worker(2, ["api", "exact", "exact_torch", "variants", "mismatch", "checkpoint", "digits", "train_entry"], out)
     results[0]["out"] = out
     return results
 
 
 @pytest.fixture(scope="module")
 def world3(tmp_path_factory):
-    return run_worker(3, ["exact", "nonfinite"], tmp_path_factory.mktemp("hvd3"))
+    return run_worker(3, ["exact", "exact_torch", "nonfinite"], tmp_path_factory.mktemp("hvd3"))
 
 
 @pytest.fixture
@@ -165,10 +165,11 @@ def assert_matches_reference(result, world, settings):
 
 
 @needs_horovod
+@pytest.mark.parametrize("suite", ["exact", "exact_torch"])  # default backend (native when built), pure
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_equals_codec_reference_and_ranks_agree(world, transport, runs):
-    results = [r["exact"][transport] for r in runs[world]]
+def test_equals_codec_reference_and_ranks_agree(world, transport, suite, runs):
+    results = [r[suite][transport] for r in runs[world]]
     assert_ranks_agree(results)  # every step's gradients and the parameters after 20 steps
     result = results[0]
     assert len(result["buckets"]) >= 3, "the test needs several buckets"

@@ -6,6 +6,7 @@ result in a versioned, self-describing payload. Framework integration lives in
 ``threelc.hooks``.
 """
 
+from .backends import backend
 from .errors import CommunicationError, ConfigurationError, DecodeError, ThreeLCError
 from .feedback import ErrorFeedback, Quantized
 from .packing import pack, packed_length, unpack
@@ -16,7 +17,7 @@ from .zre import zre_decode, zre_encode
 __version__ = "0.1.0"
 
 __all__ = [
-    "CommunicationError", "ConfigurationError", "DecodeError", "ErrorFeedback", "Header", "Quantized", "ThreeLCError",
+    "backend", "CommunicationError", "ConfigurationError", "DecodeError", "ErrorFeedback", "Header", "Quantized", "ThreeLCError",
     "check_sparsity", "decode", "decode_quantized", "dequantize", "encode", "encode_quantized",
     "pack", "packed_length", "quantize", "read_header", "unpack", "zre_decode", "zre_encode",
 ]

@@ -15,6 +15,7 @@ from typing import Hashable, List, NamedTuple, Sequence, Union
 
 import torch
 
+from .errors import ConfigurationError
 from .quantize import check_segments, check_sparsity, quantize, subtract_decoded
 
 
@@ -59,38 +60,67 @@ class ErrorFeedback:
         # group still points into it, the next step uses it whole instead of a cat().
         self._blocks: dict[tuple, torch.Tensor] = {}
         self._owner: dict[Hashable, tuple] = {}
+        # The block a commit replaced, kept to receive the step after next's residual:
+        # writing into memory already mapped saves a page fault per 4 KiB every step.
+        self._spares: dict[tuple, torch.Tensor] = {}
 
     @staticmethod
     def _layout(key: Keys, lengths: list[int]) -> tuple[tuple, list[int]]:
         if isinstance(key, list):
             if len(key) != len(lengths):
-                raise ValueError(f"{len(key)} keys given for {len(lengths)} segments")
+                raise ConfigurationError(f"{len(key)} keys given for {len(lengths)} segments")
             return tuple(key), lengths
         return (key,), [sum(lengths)]
 
-    def compensate(self, key: Keys, x: torch.Tensor, segments: Sequence[int] | None = None) -> torch.Tensor:
-        """``x + residual`` as a new flat float32 tensor (``x`` is not modified)."""
-        flat = x.reshape(-1)
+    def residual(self, key: Keys, segments: Sequence[int], device: torch.device | str) -> torch.Tensor | None:
+        """The residual of ``key``'s segments as one flat float32 tensor, or None if there is none.
+
+        Segments without a residual yet contribute zeros; a residual of the wrong size or
+        device is reset with a warning. The tensor may be the stored block itself: read it,
+        never write to it.
+        """
         if not self.enabled:
-            return flat.to(torch.float32, copy=True)
-        keys, sizes = self._layout(key, check_segments(segments, flat.numel()))
+            return None
+        keys, sizes = self._layout(key, [int(n) for n in segments])
+        device = torch.device(device)
         block = self._blocks.get(keys)
-        if (block is not None and block.numel() == flat.numel() and block.device == flat.device
+        if (block is not None and block.numel() == sum(sizes) and block.device == device
                 and all(self._owner.get(k) == keys for k in keys)):
-            return flat.float().add(block)
+            return block
         pieces = []
         for k, n in zip(keys, sizes):
             residual = self.residuals.get(k)
-            if residual is not None and (residual.numel() != n or residual.device != flat.device):
+            if residual is not None and (residual.numel() != n or residual.device != device):
                 warnings.warn(f"threelc: residual {k!r} holds {residual.numel()} elements but its tensor has {n}; "
                               "resetting it (did the model or its bucketing change?)", RuntimeWarning, stacklevel=3)
                 self._forget(k)
                 residual = None
             pieces.append(residual)
         if all(p is None for p in pieces):
+            return None
+        return torch.cat([p if p is not None else torch.zeros(n, dtype=torch.float32, device=device)
+                          for p, n in zip(pieces, sizes)])
+
+    def spare(self, key: Keys, numel: int, device: torch.device | str) -> torch.Tensor:
+        """A float32 buffer of ``numel`` elements to write ``key``'s next residual into.
+
+        It is never the stored residual (that one must survive a step that is not
+        committed); after ``commit`` adopts it, the block it replaced becomes the spare.
+        """
+        keys = tuple(key) if isinstance(key, list) else (key,)
+        spare = self._spares.get(keys)
+        if spare is None or spare.numel() != numel or spare.device != torch.device(device):
+            spare = torch.empty(numel, dtype=torch.float32, device=device)
+            self._spares[keys] = spare
+        return spare
+
+    def compensate(self, key: Keys, x: torch.Tensor, segments: Sequence[int] | None = None) -> torch.Tensor:
+        """``x + residual`` as a new flat float32 tensor (``x`` is not modified)."""
+        flat = x.reshape(-1)
+        residual = self.residual(key, check_segments(segments, flat.numel()), flat.device)
+        if residual is None:
             return flat.to(torch.float32, copy=True)
-        return flat.float().add(torch.cat([p if p is not None else flat.new_zeros(n, dtype=torch.float32)
-                                           for p, n in zip(pieces, sizes)]))
+        return flat.float().add(residual)
 
     def quantize(self, key: Keys, x: torch.Tensor, segments: Sequence[int] | None = None) -> Quantized:
         """Compensate and quantize; the new residual is returned, not stored."""
@@ -111,8 +141,13 @@ class ErrorFeedback:
         if residual is None:
             return
         keys, sizes = self._layout(key, check_segments(segments, residual.numel()))
+        replaced = self._blocks.get(keys)
         for k in keys:
             self._forget(k)
+        if self._spares.get(keys) is residual:
+            del self._spares[keys]
+            if replaced is not None and replaced is not residual:
+                self._spares[keys] = replaced
         self._blocks[keys] = residual
         for k, view in zip(keys, residual.split(sizes)):
             self.residuals[k] = view
@@ -135,6 +170,7 @@ class ErrorFeedback:
         self.residuals.clear()
         self._blocks.clear()
         self._owner.clear()
+        self._spares.clear()
 
     def state_dict(self) -> dict:
         """Tensors and plain types only (loads with ``torch.load(weights_only=True)``)."""

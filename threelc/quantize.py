@@ -21,6 +21,7 @@ MIN_SPARSITY = 1.0
 MAX_SPARSITY = 2.0  # exclusive: at 2 every element would round to zero
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+CANONICAL_NAN_BITS = 0x7FC00000  # the quiet NaN a non-finite scale is written as
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -77,8 +78,14 @@ def scales_from_absmax(absmax: torch.Tensor, sparsity: float) -> torch.Tensor:
     """scale = max|x| * sparsity in float32, clamped so a finite max never overflows."""
     scales = absmax.float() * torch.tensor(sparsity, dtype=torch.float32, device=absmax.device)
     # clamp keeps scale >= max|x| (so |x / scale| <= 1) and leaves NaN/inf untouched,
-    # which is what the finiteness check downstream relies on.
-    return torch.where(torch.isfinite(absmax), scales.clamp(max=_FLOAT32_MAX), scales)
+    # which is what the finiteness check downstream relies on. NaN becomes one
+    # canonical NaN, so a non-finite payload has the same bytes on every backend.
+    scales = torch.where(torch.isfinite(absmax), scales.clamp(max=_FLOAT32_MAX), scales)
+    return torch.where(torch.isnan(scales), _canonical_nan(scales.device), scales)
+
+
+def _canonical_nan(device: torch.device) -> torch.Tensor:
+    return torch.tensor(CANONICAL_NAN_BITS, dtype=torch.int32, device=device).view(torch.float32)
 
 
 def per_element(values: torch.Tensor, lengths: list[int]) -> torch.Tensor:

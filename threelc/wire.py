@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import DecodeError
+from .errors import ConfigurationError, DecodeError
 from .packing import pack_ternary, packed_length, unpack
 from .quantize import check_segments, dequantize, quantize
 from .zre import MAX_EXPANSION, zre_decode, zre_encode
@@ -73,7 +73,7 @@ def encode_quantized(
     lengths = check_segments(segments, q.numel())
     scales = torch.as_tensor(scale, dtype=torch.float32, device=q.device).reshape(-1)
     if scales.numel() != len(lengths):
-        raise ValueError(f"{scales.numel()} scales given for {len(lengths)} segments")
+        raise ConfigurationError(f"{scales.numel()} scales given for {len(lengths)} segments")
     body = pack_ternary(q.reshape(-1))
     if zre:
         body = zre_encode(body)
@@ -97,6 +97,11 @@ def encode(
     """
     q, scale = quantize(x, sparsity, segments)
     return encode_quantized(q, scale, segments, x.dtype)
+
+
+def negative_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Where a scale is invalid: below zero, or -0.0 (NaN and +inf mark a non-finite input and pass)."""
+    return (scales < 0) | ((scales == 0) & torch.signbit(scales))
 
 
 def _as_payload(payload) -> torch.Tensor:
@@ -150,7 +155,7 @@ def decode_quantized(payload) -> tuple[torch.Tensor, torch.Tensor, Header]:
     header = read_header(payload)
     scale_start = HEADER_SIZE + 8 * len(header.segments)
     scales = payload[scale_start:header.body_offset].clone().view(torch.float32)
-    if bool((scales < 0).any()):  # NaN and +inf mark a non-finite input and pass
+    if bool(negative_scales(scales).any()):
         raise DecodeError("payload holds a negative scale")
     body = payload[header.body_offset:]
     packed = zre_decode(body, packed_length(header.numel)) if header.zre else body

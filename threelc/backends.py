@@ -1,0 +1,355 @@
+"""The codec's fused operations, behind one interface with one implementation per backend.
+
+The transports (``threelc.hooks``) call only these five operations:
+
+    encode        compensate with the residual, quantize, pack, zero-run encode: a payload
+    decode        N payloads of one layout summed in rank order (and averaged) into ``out``
+    absmax        max|x + residual| per segment (the allreduce transport agrees on it)
+    encode_lanes  quantize with agreed scales into lane-packed int64 words
+    decode_lanes  the average, from lane words summed by an integer all-reduce
+
+``TorchCodec`` composes them from the pure-PyTorch functions of this package: it is
+the reference, the fallback, and the path for devices without a kernel. ``NativeCodec``
+runs the fused C++ kernels of ``threelc/native`` (built by ``pip install``) on CPU
+tensors, releasing the GIL, with ``torch.get_num_threads()`` threads. Both give the
+same bytes and the same float bits for every input; the tests hold them to that.
+
+``THREELC_BACKEND`` picks one: ``auto`` (default: native on CPU when it is built),
+``native`` or ``torch``. ``threelc.backend()`` names the one in use.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Sequence
+
+import torch
+
+from .errors import ConfigurationError, DecodeError
+from .lanes import pack_lanes, unpack_lane_sums, word_count
+from .quantize import (_check_input, dequantize, quantize_with_scales, scales_from_absmax,
+                       segment_absmax, subtract_decoded)
+from .wire import DTYPE_CODES, decode_quantized, encode_quantized
+
+try:
+    from . import _native
+except ImportError:  # not built: no compiler at install time, or a source checkout without `pip install`
+    _native = None
+
+BACKEND_VARIABLE = "THREELC_BACKEND"
+BACKENDS = ("auto", "native", "torch")
+
+
+class Layout:
+    """Segments in payload order: ``lengths[s]`` elements at element ``offsets[s]`` of the tensor.
+
+    The offsets index the tensor that is read (encode) or written (decode); by default
+    the segments lie end to end from 0. Layouts are immutable and hashable, so callers
+    keep one per bucket.
+    """
+
+    __slots__ = ("lengths", "offsets", "numel", "contiguous", "_table")
+
+    def __init__(self, lengths: Sequence[int], offsets: Sequence[int] | None = None):
+        self.lengths = tuple(int(n) for n in lengths)
+        if not self.lengths or any(n < 0 for n in self.lengths):
+            raise ConfigurationError(f"a layout needs at least one non-negative length; got {list(self.lengths)}")
+        if offsets is None:
+            starts, total = [], 0
+            for n in self.lengths:
+                starts.append(total)
+                total += n
+            offsets = starts
+        self.offsets = tuple(int(o) for o in offsets)
+        if len(self.offsets) != len(self.lengths):
+            raise ConfigurationError(f"{len(self.offsets)} offsets for {len(self.lengths)} segments")
+        self.numel = sum(self.lengths)
+        ends = [o + n for o, n in zip(self.offsets, self.lengths)]
+        self.contiguous = self.offsets[0] == 0 and all(e == o for e, o in zip(ends, self.offsets[1:]))
+        self._table = None
+
+    def table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 CPU tensors of lengths and offsets (for the native kernels), built once."""
+        if self._table is None:
+            self._table = (torch.tensor(self.lengths, dtype=torch.int64), torch.tensor(self.offsets, dtype=torch.int64))
+        return self._table
+
+    def extent(self) -> int:
+        """Elements a tensor needs to hold every segment."""
+        return max((o + n for o, n in zip(self.offsets, self.lengths)), default=0)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Layout) and (self.lengths, self.offsets) == (other.lengths, other.offsets)
+
+    def __hash__(self) -> int:
+        return hash((self.lengths, self.offsets))
+
+    def __repr__(self) -> str:
+        return f"Layout(lengths={list(self.lengths)}, offsets={list(self.offsets)})"
+
+
+class Encoded(NamedTuple):
+    """One rank's encoded tensor."""
+
+    payload: torch.Tensor  # uint8 wire payload; empty when not finite
+    scales: torch.Tensor  # float32, one per segment (non-finite where the input was)
+    residual: torch.Tensor | None  # the new residual (same offsets as the input); None: feedback off or not finite
+    finite: bool
+    zeros: int  # ternary zeros among the values
+    room: torch.Tensor | None = None  # a buffer that begins with the payload and may be longer
+
+
+class Codec:
+    """The interface (see the module docstring). Arguments are flat tensors on one device."""
+
+    name = ""
+
+    def encode(self, x: torch.Tensor, residual: torch.Tensor | None, layout: Layout, sparsity: float, *,
+               dtype: torch.dtype | None = None, feedback: bool = True, residual_out: torch.Tensor | None = None,
+               zre: bool = True) -> Encoded:
+        """``dtype`` goes into the header (default ``x.dtype``). With ``feedback`` the new residual
+        is written into ``residual_out`` (default: a new float32 tensor shaped like ``x``)."""
+        raise NotImplementedError
+
+    def decode(self, payloads: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, *,
+               average: bool = True) -> torch.Tensor:
+        """``out[segments] = (0 + d_0 + ... + d_{N-1}) / N`` (``average``) or ``d_0`` (one payload).
+
+        ``out`` is float32; raises ``DecodeError`` with ``payload_index`` set when a
+        payload is invalid or does not describe ``layout``'s lengths.
+        """
+        raise NotImplementedError
+
+    def absmax(self, x: torch.Tensor, residual: torch.Tensor | None, layout: Layout) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_lanes(self, x: torch.Tensor, residual: torch.Tensor | None, layout: Layout, scales: torch.Tensor,
+                     world_size: int, *, feedback: bool = True, residual_out: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """``(words, new residual or None, zeros)`` for scales every rank agreed on."""
+        raise NotImplementedError
+
+    def decode_lanes(self, words: torch.Tensor, layout: Layout, scales: torch.Tensor, world_size: int,
+                     out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _payload_error(index: int, error: DecodeError | str) -> DecodeError:
+    failure = DecodeError(str(error))
+    failure.payload_index = index
+    return failure
+
+
+class TorchCodec(Codec):
+    """The reference: the package's pure-PyTorch functions, any device."""
+
+    name = "torch"
+
+    @staticmethod
+    def _gather(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        flat = x.reshape(-1)
+        if layout.contiguous and flat.numel() == layout.numel:
+            return flat
+        return torch.cat([flat[o:o + n] for o, n in zip(layout.offsets, layout.lengths)])
+
+    @staticmethod
+    def _scatter(values: torch.Tensor, layout: Layout, out: torch.Tensor) -> None:
+        for piece, o, n in zip(values.split(list(layout.lengths)), layout.offsets, layout.lengths):
+            out[o:o + n] = piece
+
+    def _compensated(self, x, residual, layout):
+        compensated = self._gather(x, layout).to(torch.float32, copy=True)
+        if residual is not None:
+            compensated.add_(self._gather(residual, layout))
+        return compensated
+
+    def _store_residual(self, compensated, q, scales, layout, x, residual_out):
+        new = subtract_decoded(compensated, q, scales, list(layout.lengths))
+        if layout.contiguous and x.numel() == layout.numel:
+            return new if residual_out is None else residual_out.copy_(new)
+        if residual_out is None:
+            residual_out = torch.zeros(x.numel(), dtype=torch.float32, device=x.device)
+        self._scatter(new, layout, residual_out)
+        return residual_out
+
+    def encode(self, x, residual, layout, sparsity, *, dtype=None, feedback=True, residual_out=None, zre=True):
+        _check_input(x)
+        lengths = list(layout.lengths)
+        compensated = self._compensated(x, residual, layout)
+        scales = scales_from_absmax(segment_absmax(compensated, lengths), sparsity)
+        if not bool(torch.isfinite(scales).all()):
+            return Encoded(torch.empty(0, dtype=torch.uint8, device=x.device), scales, None, False, 0)
+        q = quantize_with_scales(compensated, scales, lengths)
+        payload = encode_quantized(q, scales, lengths, dtype or x.dtype, zre=zre)
+        zeros = q.numel() - int(torch.count_nonzero(q))
+        new = self._store_residual(compensated, q, scales, layout, x, residual_out) if feedback else None
+        return Encoded(payload, scales, new, True, zeros)
+
+    def decode(self, payloads, layout, out, *, average=True):
+        lengths = list(layout.lengths)
+        total = torch.zeros(layout.numel, dtype=torch.float32, device=out.device) if average else None
+        for index, payload in enumerate(payloads):
+            try:
+                q, scales, header = decode_quantized(payload)
+            except DecodeError as error:
+                raise _payload_error(index, error) from error
+            if header.segments != lengths:
+                raise _payload_error(index, f"describes {header.numel} elements in {len(header.segments)} segments; "
+                                            f"expected {layout.numel} in {len(lengths)}")
+            decoded = dequantize(q, scales, lengths)
+            if not average:
+                total = decoded
+                break
+            total += decoded
+        if average:
+            total.div_(len(payloads))
+        self._scatter(total, layout, out)
+        return out
+
+    def absmax(self, x, residual, layout):
+        return segment_absmax(self._compensated(x, residual, layout), list(layout.lengths))
+
+    def encode_lanes(self, x, residual, layout, scales, world_size, *, feedback=True, residual_out=None):
+        compensated = self._compensated(x, residual, layout)
+        q = quantize_with_scales(compensated, scales, list(layout.lengths))
+        words = pack_lanes(q, world_size)
+        zeros = q.numel() - int(torch.count_nonzero(q))
+        new = self._store_residual(compensated, q, scales, layout, x, residual_out) if feedback else None
+        return words, new, zeros
+
+    def decode_lanes(self, words, layout, scales, world_size, out):
+        sums = unpack_lane_sums(words, layout.numel, world_size)
+        self._scatter(dequantize(sums, scales, list(layout.lengths)).div_(world_size), layout, out)
+        return out
+
+
+def _pointer(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+class NativeCodec(Codec):
+    """The fused C++ kernels (threelc/native), CPU tensors only."""
+
+    name = "native"
+
+    @staticmethod
+    def _check(x: torch.Tensor, layout: Layout, what: str = "input") -> None:
+        if x.device.type != "cpu" or not x.is_contiguous():
+            raise ConfigurationError(f"the native codec takes contiguous CPU tensors; the {what} is on {x.device}"
+                                     + ("" if x.is_contiguous() else " and not contiguous"))
+        if x.numel() < layout.extent():
+            raise ConfigurationError(f"the {what} holds {x.numel()} elements; its layout reaches {layout.extent()}")
+
+    @staticmethod
+    def _residual(residual: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        if residual is not None and (residual.dtype != torch.float32 or residual.numel() != x.numel()
+                                     or not residual.is_contiguous() or residual.device != x.device):
+            raise ConfigurationError("a residual must be a contiguous float32 tensor shaped like its input")
+        return residual
+
+    def encode(self, x, residual, layout, sparsity, *, dtype=None, feedback=True, residual_out=None, zre=True):
+        _check_input(x)
+        x = x.reshape(-1)
+        self._check(x, layout)
+        residual = self._residual(residual, x)
+        if feedback:
+            residual_out = self._residual(residual_out, x) if residual_out is not None else torch.empty_like(
+                x, dtype=torch.float32)
+        else:
+            residual_out = None
+        lengths, offsets = layout.table()
+        count = len(layout.lengths)
+        buffer = torch.empty(_native.payload_capacity(count, layout.numel), dtype=torch.uint8)
+        scales = torch.empty(count, dtype=torch.float32)
+        length, finite, zeros = _native.encode(
+            x.data_ptr(), DTYPE_CODES[x.dtype], _pointer(residual), _pointer(residual_out), lengths.data_ptr(),
+            offsets.data_ptr(), count, float(sparsity), DTYPE_CODES[dtype or x.dtype], zre, buffer.data_ptr(),
+            scales.data_ptr(), torch.get_num_threads())
+        if not finite:
+            return Encoded(buffer[:0], scales, None, False, 0)
+        return Encoded(buffer[:length], scales, residual_out, True, zeros, buffer)
+
+    def decode(self, payloads, layout, out, *, average=True):
+        self._check(out, layout, "output")
+        if out.dtype != torch.float32:
+            raise ConfigurationError(f"decode writes float32; the output is {out.dtype}")
+        if not average and len(payloads) != 1:
+            raise ConfigurationError(f"decode without averaging takes one payload; got {len(payloads)}")
+        views = []
+        for index, payload in enumerate(payloads):
+            if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8:
+                raise _payload_error(index, f"a payload is a uint8 tensor; got {type(payload).__name__}")
+            views.append(payload.reshape(-1).contiguous().cpu())
+        pointers = torch.tensor([v.data_ptr() for v in views], dtype=torch.int64)
+        sizes = torch.tensor([v.numel() for v in views], dtype=torch.int64)
+        lengths, offsets = layout.table()
+        status, message = _native.decode(pointers.data_ptr(), sizes.data_ptr(), len(views), lengths.data_ptr(),
+                                         offsets.data_ptr(), len(layout.lengths), out.data_ptr(), average,
+                                         torch.get_num_threads())
+        if status:
+            raise _payload_error(status - 1, message)
+        return out
+
+    def absmax(self, x, residual, layout):
+        _check_input(x)
+        x = x.reshape(-1)
+        self._check(x, layout)
+        lengths, offsets = layout.table()
+        out = torch.empty(len(layout.lengths), dtype=torch.float32)
+        _native.absmax(x.data_ptr(), DTYPE_CODES[x.dtype], _pointer(self._residual(residual, x)), lengths.data_ptr(),
+                       offsets.data_ptr(), len(layout.lengths), out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def encode_lanes(self, x, residual, layout, scales, world_size, *, feedback=True, residual_out=None):
+        _check_input(x)
+        x = x.reshape(-1)
+        self._check(x, layout)
+        residual = self._residual(residual, x)
+        scales = scales.to(torch.float32).contiguous()
+        new = None
+        if feedback:
+            new = self._residual(residual_out, x) if residual_out is not None else torch.empty_like(
+                x, dtype=torch.float32)
+        words = torch.empty(word_count(layout.numel, world_size), dtype=torch.int64)
+        lengths, offsets = layout.table()
+        zeros = _native.encode_lanes(x.data_ptr(), DTYPE_CODES[x.dtype], _pointer(residual), _pointer(new),
+                                     lengths.data_ptr(), offsets.data_ptr(), len(layout.lengths), scales.data_ptr(),
+                                     world_size, words.data_ptr(), torch.get_num_threads())
+        return words, new, zeros
+
+    def decode_lanes(self, words, layout, scales, world_size, out):
+        self._check(out, layout, "output")
+        if words.dtype != torch.int64 or words.numel() != word_count(layout.numel, world_size):
+            raise ConfigurationError(f"{words.numel()} words cannot hold {layout.numel} lanes for world size {world_size}")
+        words, scales = words.contiguous(), scales.to(torch.float32).contiguous()
+        lengths, offsets = layout.table()
+        _native.decode_lanes(words.data_ptr(), scales.data_ptr(), lengths.data_ptr(), offsets.data_ptr(),
+                             len(layout.lengths), world_size, out.data_ptr(), torch.get_num_threads())
+        return out
+
+
+TORCH = TorchCodec()
+NATIVE = NativeCodec() if _native is not None else None
+
+
+def _requested() -> str:
+    name = os.environ.get(BACKEND_VARIABLE, "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ConfigurationError(f"{BACKEND_VARIABLE}={name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "native" and NATIVE is None:
+        raise ConfigurationError(f"{BACKEND_VARIABLE}=native, but threelc's native codec is not built "
+                                 "(reinstall with a C++ compiler: pip install -e .)")
+    return name
+
+
+def codec_for(device: torch.device | str) -> Codec:
+    """The codec for tensors on ``device``, as ``THREELC_BACKEND`` asks."""
+    name = _requested()
+    if name == "torch" or NATIVE is None or torch.device(device).type != "cpu":
+        return TORCH
+    return NATIVE
+
+
+def backend(device: torch.device | str = "cpu") -> str:
+    """Name of the codec backend used for tensors on ``device``: ``"native"`` or ``"torch"``."""
+    return codec_for(device).name
