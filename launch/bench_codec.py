@@ -1,14 +1,24 @@
-"""Codec benchmark: throughput beside clone()/fp16 in the same run, and bits per element.
+"""Codec benchmark: each backend beside memcpy in the same run, and bits per element.
 
     python launch/bench_codec.py                 # CPU, writes results/codec.json
     python launch/bench_codec.py --device cuda   # the same on a GPU
     python launch/bench_codec.py --profile       # where 1M-element encode+decode spends its time
 
-Throughput is GB/s of float32 input (4 bytes per element) through ``threelc.encode``
-and ``threelc.decode``; ``clone()`` and ``.to(torch.float16)`` of the same tensor are
-timed in the same process, interleaved, so the ratios hold on a noisy machine.
-Bits per element are measured on Gaussian data and on real gradients: a digits CNN
-trained with error feedback on, every gradient sent through the codec.
+Throughput rows: for each backend (``native``, the fused C++ kernels, and ``torch``,
+the pure-PyTorch reference), each thread count (1 and ``torch.get_num_threads()``),
+1M and 26M float32 elements in 10 segments and s = 1.0 and 1.9, the best of
+``--repeats`` timings of
+
+* ``encode``: encode with error feedback, as a transport runs it in steady state
+  (a residual from the step before, the new one written into the recycled buffer);
+* ``decode N`` for N = 1, 2, 4: N payloads summed in rank order and averaged into a
+  preallocated float32 output;
+* ``memcpy``: ``dst.copy_(x)`` of the same float32 tensor into a preallocated one,
+  and ``clone``: ``x.clone()``,
+
+interleaved, so drift on a shared machine hits every candidate alike. Ratios to
+memcpy are in the same row. Bits per element are measured on Gaussian data and on
+real gradients: a digits CNN trained with error feedback on.
 """
 
 from __future__ import annotations
@@ -26,10 +36,13 @@ if __package__ in (None, ""):
 import torch
 
 import threelc
+from threelc.backends import NATIVE, TORCH, Layout
 from launch import models
 
 SIZES = (1_000_000, 26_000_000)
 THROUGHPUT_SPARSITIES = (1.0, 1.9)
+DECODE_COUNTS = (1, 2, 4)
+SEGMENTS = 10
 BITS_SPARSITIES = (1.0, 1.5, 1.9)
 
 
@@ -46,36 +59,67 @@ def _timer(device: torch.device):
     return measure
 
 
-def throughput(device: torch.device, repeats: int) -> list[dict]:
+def _layout(numel: int) -> Layout:
+    base = numel // SEGMENTS
+    return Layout([base] * (SEGMENTS - 1) + [numel - base * (SEGMENTS - 1)])
+
+
+def throughput_row(codec, device, numel, sparsity, threads, repeats) -> dict:
     measure = _timer(device)
+    generator = torch.Generator().manual_seed(numel)
+    layout = _layout(numel)
+    x = torch.randn(numel, generator=generator).to(device)
+    residual = (torch.randn(numel, generator=generator) * 0.1).to(device)
+    residual_out, dst, out = torch.empty_like(residual), torch.empty_like(x), torch.empty_like(x)
+    payloads = [codec.encode(x, residual, layout, sparsity).payload] + [
+        codec.encode(torch.randn(numel, generator=generator).to(device), None, layout, sparsity).payload
+        for _ in range(max(DECODE_COUNTS) - 1)]
+    candidates = {
+        "encode": lambda: codec.encode(x, residual, layout, sparsity, residual_out=residual_out),
+        **{f"decode{n}": (lambda n=n: codec.decode(payloads[:n], layout, out)) for n in DECODE_COUNTS},
+        "memcpy": lambda: dst.copy_(x),
+        "clone": lambda: x.clone(),
+    }
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        times = {name: [] for name in candidates}
+        for fn in candidates.values():
+            fn()  # warm-up: first touch of every buffer
+        for _ in range(repeats):
+            for name, fn in candidates.items():
+                times[name].append(measure(fn))
+    finally:
+        torch.set_num_threads(before)
+    best = {name: min(t) for name, t in times.items()}
+    row = {"backend": codec.name, "threads": threads, "numel": numel, "sparsity": sparsity,
+           "bits_per_element": 8 * payloads[0].numel() / numel}
+    for name, t in best.items():
+        row[f"{name}_ms"] = 1e3 * t
+        row[f"{name}_ns_per_element"] = 1e9 * t / numel
+    for name in ("encode", *(f"decode{n}" for n in DECODE_COUNTS), "clone"):
+        row[f"{name}_vs_memcpy"] = best[name] / best["memcpy"]
+    row["encode_ms_median"] = 1e3 * statistics.median(times["encode"])
+    return row
+
+
+def throughput(device: torch.device, repeats: int) -> list[dict]:
+    codecs = [c for c in (NATIVE, TORCH) if c is not None and (device.type == "cpu" or c is TORCH)]
+    thread_counts = sorted({1, torch.get_num_threads()})
     rows = []
-    generator = torch.Generator().manual_seed(0)
     for numel in SIZES:
-        x = torch.randn(numel, generator=generator).to(device)
         for sparsity in THROUGHPUT_SPARSITIES:
-            payload = threelc.encode(x, sparsity)
-            candidates = {
-                "encode": lambda: threelc.encode(x, sparsity),
-                "decode": lambda: threelc.decode(payload),
-                "clone": lambda: x.clone(),
-                "to_fp16": lambda: x.to(torch.float16),
-            }
-            times = {name: [] for name in candidates}
-            for _ in range(repeats):  # interleaved, so drift hits every candidate alike
-                for name, fn in candidates.items():
-                    times[name].append(measure(fn))
-            best = {name: min(t) for name, t in times.items()}
-            gbps = {name: 4 * numel / t / 1e9 for name, t in best.items()}
-            round_trip = best["encode"] + best["decode"]
-            rows.append({
-                "numel": numel, "sparsity": sparsity,
-                "encode_gbps": gbps["encode"], "decode_gbps": gbps["decode"],
-                "encode_decode_gbps": 4 * numel / round_trip / 1e9,
-                "clone_gbps": gbps["clone"], "to_fp16_gbps": gbps["to_fp16"],
-                "encode_decode_vs_clone": best["clone"] / round_trip,
-                "encode_ms_median": 1e3 * statistics.median(times["encode"]),
-                "bits_per_element": 8 * payload.numel() / numel,
-            })
+            for threads in thread_counts:
+                for codec in codecs:
+                    # The reference is an order of magnitude slower: fewer repeats keep the run short.
+                    n = repeats if codec is not TORCH or NATIVE is None else max(2, repeats // 3)
+                    rows.append(throughput_row(codec, device, numel, sparsity, threads, n))
+    by_key = {(r["numel"], r["sparsity"], r["threads"], r["backend"]): r for r in rows}
+    for r in rows:
+        pure = by_key.get((r["numel"], r["sparsity"], r["threads"], "torch"))
+        if pure is not None:
+            r["encode_decode2_speedup_vs_torch"] = ((pure["encode_ms"] + pure["decode2_ms"])
+                                                    / (r["encode_ms"] + r["decode2_ms"]))
     return rows
 
 
@@ -138,7 +182,7 @@ def profile(device: torch.device, numel: int = 1_000_000, pairs: int = 10, top: 
 def main(argv=None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--steps", type=int, default=300, help="training steps for the gradient bits")
     parser.add_argument("--out", default="results/codec.json")
     parser.add_argument("--profile", action="store_true", help="only print the encode+decode profile")
@@ -150,14 +194,19 @@ def main(argv=None) -> dict | None:
     torch.set_num_threads(torch.get_num_threads())
     result = {
         "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "backend": threelc.backend(device),
         "throughput": throughput(device, args.repeats),
         "bits": gaussian_bits(device) + gradient_bits(device, args.steps),
     }
-    print("| elements | sparsity | encode GB/s | decode GB/s | enc+dec GB/s | clone GB/s | to(fp16) GB/s | enc+dec / clone |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| backend | threads | elements | s | encode ms (x memcpy) | decode 1 / 2 / 4 ms | decode 2 x memcpy "
+          "| memcpy ms | enc+dec2 speedup vs torch |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in result["throughput"]:
-        print(f"| {r['numel']:,} | {r['sparsity']} | {r['encode_gbps']:.2f} | {r['decode_gbps']:.2f} | "
-              f"{r['encode_decode_gbps']:.2f} | {r['clone_gbps']:.2f} | {r['to_fp16_gbps']:.2f} | {r['encode_decode_vs_clone']:.2f} |")
+        speedup = r.get("encode_decode2_speedup_vs_torch")
+        print(f"| {r['backend']} | {r['threads']} | {r['numel']:,} | {r['sparsity']} | "
+              f"{r['encode_ms']:.1f} ({r['encode_vs_memcpy']:.2f}x) | "
+              f"{r['decode1_ms']:.1f} / {r['decode2_ms']:.1f} / {r['decode4_ms']:.1f} | {r['decode2_vs_memcpy']:.2f}x | "
+              f"{r['memcpy_ms']:.2f} | {f'{speedup:.1f}x' if speedup else '-'} |")
     print()
     print("| data | sparsity | bits/element | vs fp32 |")
     print("|---|---:|---:|---:|")

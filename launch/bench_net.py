@@ -252,6 +252,7 @@ def _profile_worker(rank: int, world: int, port: int, jobs: list[dict], out: str
     rows = []
     try:
         for job in jobs:
+            os.environ["THREELC_BACKEND"] = job.get("backend", "auto")
             task = models.build(job["model"], 0)
             steps, warm = job["steps"], job["warm"]
             if job["variant"] == "compute-only":  # no DDP, no communication: forward/backward/step
@@ -300,6 +301,11 @@ def _profile_worker(rank: int, world: int, port: int, jobs: list[dict], out: str
         dist.destroy_process_group()
 
 
+def codec_backends() -> list[str]:
+    from threelc.backends import NATIVE
+    return ["native", "torch"] if NATIVE is not None else ["torch"]
+
+
 def codec_profile(a) -> dict:
     """The 3LC hook's encode/decode seconds per step, N gloo ranks on loopback (no shaping)."""
     import socket
@@ -320,7 +326,11 @@ def codec_profile(a) -> dict:
             jobs.append({"model": model, "variant": "none", "hook": "none", "steps": steps, "warm": warm})
             for v in variants(a):
                 if v["hook"] == "threelc":
-                    jobs.append({"model": model, **v, "steps": steps, "warm": warm})
+                    # Each 3LC cell on the native codec and again on the pure-PyTorch reference.
+                    for backend in codec_backends():
+                        label = v["variant"] + ("" if backend == "native" else f" ({backend} codec)")
+                        jobs.append({"model": model, **v, "variant": label, "backend": backend, "steps": steps,
+                                     "warm": warm})
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

@@ -1,7 +1,7 @@
 """Single-process references for the three transports, built from codec functions only.
 
 Given every rank's flat gradient for one bucket, each returns the average the hook must
-produce, carrying one residual per tensor across steps exactly as 3LC.md describes.
+produce, carrying one residual per tensor across steps exactly as docs/algorithm.md describes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The codec against 3LC.md: hand-computed vectors, round trips, edge cases."""
+"""The codec against docs/algorithm.md: hand-computed vectors, round trips, edge cases."""
 
 import math
 

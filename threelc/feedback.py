@@ -1,4 +1,4 @@
-"""Error feedback: the residual memory of 3LC (3LC.md section 1).
+"""Error feedback: the residual memory of 3LC (docs/algorithm.md, section 1).
 
     compensated = x + residual
     q, scale    = quantize(compensated)

@@ -1,4 +1,4 @@
-"""Lane packing: sum ternary values from N ranks with one integer all-reduce (3LC.md section 4).
+"""Lane packing: sum ternary values from N ranks with one integer all-reduce (docs/algorithm.md, section 4).
 
 Each rank offsets its ternary values to t = q + 1 in {0, 1, 2}; the sum over N ranks
 lies in [0, 2N], so ``lane_bits(N) = ceil(log2(2N + 1))`` bits hold it without a carry

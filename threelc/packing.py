@@ -1,4 +1,4 @@
-"""Base-3^5 packing: five ternary values per byte (3LC.md section 2).
+"""Base-3^5 packing: five ternary values per byte (docs/algorithm.md, section 2).
 
 Layout (part of the wire format): t = q + 1, padded with t = 1 to a multiple of 5,
 split into five *contiguous* parts p0..p4 of n5 values, and

@@ -1,4 +1,4 @@
-"""3-value quantization with a sparsity multiplier (3LC.md section 1).
+"""3-value quantization with a sparsity multiplier (docs/algorithm.md, section 1).
 
     scale = max(|x|) * sparsity          (float32, one per segment)
     q     = round(x / scale)             (int8 in {-1, 0, +1}, round half to even)

@@ -1,4 +1,4 @@
-"""Zero-run encoding of packed bytes (3LC.md section 3).
+"""Zero-run encoding of packed bytes (docs/algorithm.md, section 3).
 
 A run of k all-zero groups (byte 121) becomes k // 14 bytes of 255, then for
 r = k % 14 one byte 241 + r when r >= 2, or a single 121 when r == 1. Every other
