@@ -2,8 +2,10 @@
 
 The contract under test: whatever bytes arrive, ``decode`` / ``decode_quantized``
 return ternary values and a float tensor of the length the header declares, or raise
-``threelc.DecodeError``; any other exception, a crash, a hang (``-timeout``) or a
-huge allocation (``-rss_limit_mb``) is a finding.
+``threelc.DecodeError``; the native decoder (when built) raises only ``DecodeError``
+for any expected layout, and decodes every payload the reference decodes to the same
+floats. Any other exception, a crash, a hang (``-timeout``) or a huge allocation
+(``-rss_limit_mb``) is a finding.
 
 Run (the corpus directory is optional; valid payloads are seeded into it)::
 
@@ -28,9 +30,11 @@ import torch  # before instrumentation: only threelc's own modules are instrumen
 
 with atheris.instrument_imports(include=["threelc"]):
     import threelc
+    from threelc.backends import NATIVE, Layout
     from threelc.wire import MAGIC, VERSION
 
 torch.set_num_threads(1)
+FIXED_LAYOUTS = [Layout([7]), Layout([100, 0, 200])]  # what a transport would expect from a peer
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -49,13 +53,34 @@ def seed_payloads() -> list[bytes]:
     return seeds
 
 
+def native_decode(candidate: bytes, layout):
+    """The native decoder on ``candidate`` as one payload of ``layout``: floats, or "DecodeError"."""
+    out = torch.zeros(layout.numel)
+    payload = torch.frombuffer(bytearray(candidate), dtype=torch.uint8) if candidate else torch.empty(0, dtype=torch.uint8)
+    try:
+        NATIVE.decode([payload], layout, out, average=False)
+    except threelc.DecodeError:
+        return "DecodeError"
+    return out
+
+
 def TestOneInput(data: bytes) -> None:  # noqa: N802 - atheris's name
     for candidate in (data, MAGIC + bytes([VERSION]) + data[5:]):  # also with a valid magic and version
+        if NATIVE is not None:  # the native decoder must refuse whatever the layout, or agree with the reference
+            for layout in FIXED_LAYOUTS:
+                native_decode(candidate, layout)
         try:
             q, scales, header = threelc.decode_quantized(candidate)
             out = threelc.decode(candidate)
         except threelc.DecodeError:
             continue
+        if NATIVE is not None and header.numel <= 1 << 20:
+            native = native_decode(candidate, Layout(header.segments))
+            assert not isinstance(native, str), "the native decoder refused a payload the reference decodes"
+            reference = out.float()
+            assert torch.equal(torch.isnan(native), torch.isnan(reference)), "NaN positions differ"
+            keep = ~torch.isnan(reference)
+            assert torch.equal(native[keep].view(torch.int32), reference[keep].view(torch.int32)), "decoders differ"
         # What decoding promises: ternary values, one non-negative (or NaN) scale per
         # segment, and a float tensor of the declared length.
         assert q.dtype == torch.int8 and q.numel() == header.numel == sum(header.segments), header
