@@ -161,20 +161,26 @@ def gradient_bits(device: torch.device, steps: int) -> list[dict]:
 
 
 def profile(device: torch.device, numel: int = 1_000_000, pairs: int = 10, top: int = 12) -> None:
-    """torch.profiler over ``pairs`` encode+decode of ``numel`` Gaussian values: the
-    ops with the most self time, as shares of the total (printed, not saved)."""
+    """torch.profiler over ``pairs`` encode+decode of ``numel`` Gaussian values on the
+    active backend: the ops with the most self time, as shares of the total (printed)."""
     from torch.profiler import ProfilerActivity, profile as run_profiler
 
+    codec, layout = threelc.backends.codec_for(device), _layout(numel)
     x = torch.randn(numel, generator=torch.Generator().manual_seed(0)).to(device)
-    threelc.decode(threelc.encode(x))  # warm-up
+    out = torch.empty_like(x)
+
+    def pair():
+        codec.decode([codec.encode(x, None, layout, 1.0).payload], layout, out)
+
+    pair()  # warm-up
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with run_profiler(activities=activities) as prof:
         for _ in range(pairs):
-            threelc.decode(threelc.encode(x))
+            pair()
     ops = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in ops)
-    print(f"{pairs} encode+decode pairs of {numel:,} values on {device}: {total / 1e3 / pairs:.2f} ms per pair, "
-          f"{len(ops)} distinct ops")
+    print(f"{pairs} encode+decode pairs of {numel:,} values on {device}, {codec.name} backend: "
+          f"{total / 1e3 / pairs:.2f} ms of op self time per pair, {len(ops)} distinct ops")
     for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:top]:
         print(f"  {100 * e.self_cpu_time_total / total:5.1f}%  {e.count // pairs:3d}/pair  {e.key}")
 
