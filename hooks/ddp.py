@@ -20,7 +20,10 @@ from .collectives import Collectives, TorchCollectives
 from .pipeline import CommPipeline, Deferred
 from .transports import TRANSPORTS, choose_transport
 
-STATE_VERSION = 2  # 2: residuals keyed per parameter (1 keyed them per bucket)
+STATE_VERSION = 3  # 3: sparsity warm-up in the settings; 2: residuals per parameter (1: per bucket)
+# Compressed steps over which the sparsity multiplier ramps from 1 to its target when
+# the user does not say: see ThreeLCState's docstring for why a ramp is needed at all.
+DEFAULT_SPARSITY_WARMUP = 100
 TRANSPORT_CHOICES = (*TRANSPORTS, "auto")
 _STAT_KEYS = ("bytes_sent", "bytes_received", "uncompressed_bytes", "numel", "zeros", "encode_seconds", "decode_seconds")
 
@@ -51,6 +54,13 @@ class ThreeLCState:
             iterations; DDP rebuilds its buckets after the first one, and residuals
             are kept per parameter.
         error_feedback: keep residuals (off only for experiments: 3LC is biased without).
+        sparsity_warmup: compressed steps over which the multiplier ramps linearly from
+            1.0 to ``sparsity`` (default ``DEFAULT_SPARSITY_WARMUP``; 0: no ramp). Every
+            step is compressed; only its sparsity changes. At a high multiplier each
+            step sends few values at up to ``sparsity`` times the largest magnitude, and
+            early in training, when gradients change fastest, the residual builds up and
+            is released in bursts that momentum amplifies; starting at s = 1 (every value
+            above half the largest is sent) lets the model leave that phase first.
         timeout: collective timeout of threelc's own process group (it mirrors
             ``process_group``'s ranks); pass the ``timeout`` you gave
             ``init_process_group`` (default: torch's default for the backend). When a
@@ -74,6 +84,7 @@ class ThreeLCState:
         start_iter: int = 2,
         error_feedback: bool = True,
         timeout: Optional[datetime.timedelta] = None,
+        sparsity_warmup: Optional[int] = None,
     ):
         if transport not in TRANSPORT_CHOICES:
             raise ConfigurationError(f"transport must be one of {TRANSPORT_CHOICES}; got {transport!r}")
@@ -85,6 +96,10 @@ class ThreeLCState:
         self.start_iter = int(start_iter)
         self.error_feedback = bool(error_feedback)
         self.timeout = timeout
+        warmup = DEFAULT_SPARSITY_WARMUP if sparsity_warmup is None else sparsity_warmup
+        if int(warmup) != warmup or warmup < 0:
+            raise ConfigurationError(f"sparsity_warmup must be a non-negative integer; got {sparsity_warmup!r}")
+        self.sparsity_warmup = int(warmup)
         self.iter = 0
         self._reset_runtime()
         if process_group is not None or dist.is_initialized():
@@ -139,6 +154,13 @@ class ThreeLCState:
             self._load_transport_state(self._pending)
             self._pending = None
 
+    def sparsity_at(self, iteration: int) -> float:
+        """The sparsity multiplier of iteration ``iteration`` (a compressed one)."""
+        done = iteration - self.start_iter + 1
+        if self.sparsity_warmup == 0 or done >= self.sparsity_warmup:
+            return self.sparsity
+        return 1.0 + (self.sparsity - 1.0) * max(done, 0) / self.sparsity_warmup
+
     @property
     def transport_name(self) -> str:
         """The transport in use ("auto" resolved), or the requested one before the first step."""
@@ -147,7 +169,7 @@ class ThreeLCState:
     def _fingerprint(self) -> torch.Tensor:
         sparsity_bits = struct.unpack("<q", struct.pack("<d", self.sparsity))[0]
         return torch.tensor([STATE_VERSION, TRANSPORT_CHOICES.index(self.transport), sparsity_bits,
-                             self.start_iter, int(self.error_feedback), self._comm.world_size])
+                             self.start_iter, int(self.error_feedback), self._comm.world_size, self.sparsity_warmup])
 
     def _check_settings(self, device: torch.device) -> None:
         """Compare settings across ranks; every rank raises the same error on a mismatch."""
@@ -160,8 +182,8 @@ class ThreeLCState:
         for rank, row in enumerate(everyone.tolist()):
             sparsity = struct.unpack("<d", struct.pack("<q", row[2]))[0]
             transport = TRANSPORT_CHOICES[row[1]] if 0 <= row[1] < len(TRANSPORT_CHOICES) else row[1]
-            rows.append(f"rank {rank}: transport={transport} sparsity={sparsity} start_iter={row[3]} "
-                        f"error_feedback={bool(row[4])} (state version {row[0]})")
+            rows.append(f"rank {rank}: transport={transport} sparsity={sparsity} sparsity_warmup={row[6]} "
+                        f"start_iter={row[3]} error_feedback={bool(row[4])} (state version {row[0]})")
         raise ConfigurationError(f"threelc settings differ across ranks; every rank must build {self.built_by} "
                                  "with the same arguments:\n  " + "\n  ".join(rows))
 
@@ -193,9 +215,9 @@ class ThreeLCState:
                 raise CommunicationError(f"threelc step {step}, bucket {index} ({self.transport_name} transport): "
                                          f"{type(error).__name__}: {error}") from error
 
-        return named(lambda: self._start_bucket(keys, buffer, segments, compress, last)).wrapped(named)
+        return named(lambda: self._start_bucket(step, keys, buffer, segments, compress, last)).wrapped(named)
 
-    def _start_bucket(self, keys: list, buffer: torch.Tensor, segments: list[int], compress: bool,
+    def _start_bucket(self, step: int, keys: list, buffer: torch.Tensor, segments: list[int], compress: bool,
                       last: bool) -> Deferred:
         comm = self._comm
         if not self._settings_checked:
@@ -203,6 +225,7 @@ class ThreeLCState:
         self._current["uncompressed_bytes"] += buffer.numel() * buffer.element_size()
         if compress:
             self._current["numel"] += buffer.numel()
+            self._transport.set_sparsity(self.sparsity_at(step))
             deferred = self._transport.start(keys, buffer, segments, out=buffer)
         else:
             summed = comm.allreduce_async(buffer.div(comm.world_size), "sum")
@@ -259,13 +282,14 @@ class ThreeLCState:
         for record in (totals, last):
             record["ratio"] = record["uncompressed_bytes"] / record["bytes_sent"] if record["bytes_sent"] else None
             record["zero_fraction"] = record["zeros"] / record["numel"] if record["numel"] else None
-        return {**totals, "transport": self.transport_name, "last_step": last}
+        return {**totals, "transport": self.transport_name, "sparsity": self.sparsity_at(max(self.iter - 1, 0)),
+                "last_step": last}
 
     # ------------------------------------------------------------------ checkpoints
 
     def _settings(self) -> dict:
         return {"sparsity": self.sparsity, "transport": self.transport, "start_iter": self.start_iter,
-                "error_feedback": self.error_feedback}
+                "error_feedback": self.error_feedback, "sparsity_warmup": self.sparsity_warmup}
 
     def _arguments(self) -> dict:
         return {**self._settings(), "timeout": self.timeout}

@@ -454,6 +454,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          transport: str = "allgather",
                          start_iter: int = 2,
                          error_feedback: bool = True,
+                         sparsity_warmup: int | None = None,
                          backward_passes_per_step: int = 1,
                          op: int = hvd.Average,
                          bucket_cap_mb: float = 4.0,
@@ -467,7 +468,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     needed, the *unwrapped* optimizer's state) from rank 0 before training.
 
     Args:
-        sparsity, transport, start_iter, error_feedback: as :class:`threelc.hooks.ThreeLCState`
+        sparsity, transport, start_iter, error_feedback, sparsity_warmup: as
+            :class:`threelc.hooks.ThreeLCState`
             (``start_iter`` counts optimizer steps, each averaged by a plain Horovod
             all-reduce before it).
         backward_passes_per_step: backward passes accumulated locally per step.
@@ -490,7 +492,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
         raise ConfigurationError(f"bucket_cap_mb must be positive; got {bucket_cap_mb!r}")
     if not hvd.is_initialized():
         raise ConfigurationError("Horovod is not initialized: call hvd.init() before DistributedOptimizer")
-    state = HorovodThreeLCState(None, sparsity, transport, start_iter, error_feedback)
+    state = HorovodThreeLCState(None, sparsity, transport, start_iter, error_feedback,
+                                sparsity_warmup=sparsity_warmup)
     base = optimizer.__class__
     cls = type(base.__name__, (_ThreeLCDistributedOptimizer, base), {"__module__": __name__})
     wrapped = cls(optimizer.param_groups, named_parameters, state, float(bucket_cap_mb),

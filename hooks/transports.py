@@ -19,7 +19,7 @@ from typing import Hashable
 
 import torch
 
-from threelc import DecodeError, ErrorFeedback
+from threelc import DecodeError, ErrorFeedback, check_sparsity
 from threelc.backends import Codec, Encoded, Layout, codec_for
 from threelc.quantize import scales_from_absmax
 
@@ -54,6 +54,10 @@ class Transport:
     @property
     def sparsity(self) -> float:
         return self.memory.sparsity
+
+    def set_sparsity(self, sparsity: float) -> None:
+        """The multiplier of the steps that follow (the hook state's warm-up schedule sets it)."""
+        self.memory.sparsity = check_sparsity(sparsity)
 
     def start(self, keys: list[Hashable], grad: torch.Tensor, segments: list[int],
               out: torch.Tensor | None = None) -> Deferred:
@@ -274,6 +278,10 @@ class ShardedTransport(Transport):
             return average
 
         return Deferred(finish, (aggregates,))
+
+    def set_sparsity(self, sparsity: float) -> None:
+        super().set_sparsity(sparsity)
+        self.server_memory.sparsity = self.memory.sparsity
 
     def reset(self) -> None:
         super().reset()

@@ -152,6 +152,7 @@ def setup_comm(
     *,
     process_group=None,
     sparsity: float = 1.0,
+    sparsity_warmup: int | None = None,
     transport: str = "allgather",
     start_iter: int = 2,
     error_feedback: bool = True,
@@ -200,6 +201,7 @@ def setup_comm(
         state = ThreeLCState(
             process_group=process_group,
             sparsity=sparsity,
+            sparsity_warmup=sparsity_warmup,
             transport=transport,
             start_iter=start_iter,
             error_feedback=error_feedback,

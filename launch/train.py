@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="task-specific option for models.build (e.g. width=1024), repeatable")
     p.add_argument("--hook", default="none", choices=KINDS)
     p.add_argument("--sparsity", type=float, default=1.0, help="3LC sparsity multiplier s, 1 <= s < 2")
+    p.add_argument("--sparsity-warmup", type=int, default=None,
+                   help="3LC: compressed steps over which s ramps from 1 to --sparsity (default: threelc's)")
     p.add_argument("--transport", default="allgather", choices=TRANSPORTS)
     p.add_argument("--start-iter", type=int, default=2,
                    help="plain fp32 all-reduce for the first N steps (3LC start_iter, PowerSGD start_powerSGD_iter)")
@@ -183,7 +185,8 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict | None:
     # DDP's rebuild); a resumed one compresses from its first step.
     if args.hook in BUCKET_KEYED_HOOKS and ckpt is not None and not args.no_prime_buckets:
         prime_buckets(ddp, task, rank, world, start_step, device)
-    comm = setup_comm(ddp, args.hook, sparsity=args.sparsity, transport=args.transport,
+    comm = setup_comm(ddp, args.hook, sparsity=args.sparsity, sparsity_warmup=args.sparsity_warmup,
+                      transport=args.transport,
                       start_iter=args.start_iter, error_feedback=not args.no_error_feedback,
                       powersgd_rank=args.powersgd_rank, seed=args.seed,
                       timeout=datetime.timedelta(seconds=args.dist_timeout))

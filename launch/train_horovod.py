@@ -50,7 +50,8 @@ def wrap_optimizer(hvd, hook: str, base, named_parameters, args):
     if hook == "threelc":
         from threelc.hooks.horovod import DistributedOptimizer
 
-        return DistributedOptimizer(base, named_parameters, sparsity=args.sparsity, transport=args.transport,
+        return DistributedOptimizer(base, named_parameters, sparsity=args.sparsity,
+                                    sparsity_warmup=args.sparsity_warmup, transport=args.transport,
                                     start_iter=args.start_iter, error_feedback=not args.no_error_feedback,
                                     **({"bucket_cap_mb": args.bucket_cap_mb} if args.bucket_cap_mb else {}))
     compression = hvd.Compression.fp16 if hook == "fp16" else hvd.Compression.none

@@ -79,7 +79,8 @@ def carrier_run(hvd, transport, sparsity=1.5, steps=EXACT_STEPS, start_iter=2, d
     def make():
         base = torch.optim.SGD(model.parameters(), lr=0.01, momentum=momentum)
         return DistributedOptimizer(base, model.named_parameters(), sparsity=sparsity, transport=transport,
-                                    start_iter=start_iter, backward_passes_per_step=passes, overlap=overlap,
+                                    start_iter=start_iter, sparsity_warmup=WARMUP,
+                                    backward_passes_per_step=passes, overlap=overlap,
                                     op=hvd.Sum if op == "sum" else hvd.Average, bucket_cap_mb=bucket_cap_mb)
 
     opt = make()
@@ -125,6 +126,7 @@ VARIANTS = {
 MISMATCHES = {"sparsity": 1.25, "transport": "sharded", "start_iter": 3, "op": "sum", "passes": 2,
               "bucket_cap_mb": 1.0}
 
+WARMUP = 4  # sparsity warm-up steps of the carrier runs (test_horovod.py follows the same schedule)
 CHECKPOINT = {"transport": "sharded", "steps": 12, "momentum": 0.9, "start_iter": 2}
 
 

@@ -22,6 +22,12 @@ class Reference:
         self.workers = [threelc.ErrorFeedback(sparsity, error_feedback) for _ in range(world)]
         self.servers = [threelc.ErrorFeedback(sparsity, error_feedback) for _ in range(world)]
 
+    def set_sparsity(self, sparsity):
+        """The multiplier of the steps that follow (the hook's warm-up schedule)."""
+        self.sparsity = sparsity
+        for memory in (*self.workers, *self.servers):
+            memory.sparsity = sparsity
+
     def average(self, keys, grads, segments):
         """``keys`` name the tensors (one per segment) whose gradients ``grads`` concatenate."""
         return getattr(self, "_" + self.transport)(keys, grads, segments)

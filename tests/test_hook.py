@@ -37,6 +37,7 @@ class Carrier(nn.Module):
 
 
 UNUSED_SHAPE = (3,)
+WARMUP = 3  # sparsity warm-up steps in these runs: the schedule ramps, then holds, within a test
 
 
 def gradients(rank, step, shapes=SHAPES, dtype=torch.float32):
@@ -45,12 +46,13 @@ def gradients(rank, step, shapes=SHAPES, dtype=torch.float32):
 
 
 def train_carrier(rank, world, transport, sparsity=1.5, steps=6, dtype=torch.float32, bucket_view=False,
-                  unused=False, start_iter=1, poison=None, backend="auto"):
+                  unused=False, start_iter=1, poison=None, backend="auto", sparsity_warmup=WARMUP):
     """DDP over the carrier model; returns every step's averaged gradients and bucket layouts."""
     os.environ["THREELC_BACKEND"] = backend
     model = Carrier(dtype=dtype, unused=unused)
     ddp = DDP(model, bucket_cap_mb=0.0005, gradient_as_bucket_view=bucket_view, find_unused_parameters=unused)
-    state = ThreeLCState(sparsity=sparsity, transport=transport, start_iter=start_iter)
+    state = ThreeLCState(sparsity=sparsity, transport=transport, start_iter=start_iter,
+                         sparsity_warmup=sparsity_warmup)
     # The unused parameter gets the last index (model.parameters() would list it first).
     index_of = {p.data_ptr(): i for i, p in enumerate([*model.weights, model.unused])}
     layouts = {}
@@ -97,8 +99,10 @@ def _residuals(state):
 
 def reference_history(world, transport, sparsity, steps, layouts, start_iter=1, dtype=torch.float32):
     reference = Reference(transport, world, sparsity)
+    schedule = ThreeLCState(sparsity=sparsity, start_iter=start_iter, sparsity_warmup=WARMUP)
     expected = []
     for step in range(steps):
+        reference.set_sparsity(schedule.sparsity_at(step))
         per_rank = [gradients(r, step, dtype=dtype) + [torch.zeros(UNUSED_SHAPE, dtype=dtype)] for r in range(world)]
         if step < start_iter:
             expected.append(None)
@@ -222,7 +226,7 @@ def test_non_finite_gradient_on_one_rank(transport, backend, non_finite_runs):
     assert_ranks_agree(results)
 
 
-MISMATCHES = {"sparsity": 1.25, "transport": "sharded", "start_iter": 3}
+MISMATCHES = {"sparsity": 1.25, "transport": "sharded", "start_iter": 3, "sparsity_warmup": 5}
 
 
 def mismatched(rank, world):
@@ -285,7 +289,7 @@ class _OddBucket:
 
 def odd_layout_run(rank, world, transport):
     params = [torch.zeros(3), torch.zeros(4)]  # 7 elements in a 10-element buffer
-    state = ThreeLCState(sparsity=1.5, transport=transport, start_iter=0)
+    state = ThreeLCState(sparsity=1.5, transport=transport, start_iter=0, sparsity_warmup=0)
     out = []
     for step in range(4):
         buffer = torch.randn(10, generator=torch.Generator().manual_seed(100 * step + rank))
@@ -318,15 +322,29 @@ def test_state_validation_and_pickling():
         ThreeLCState(sparsity=2.0)
     with pytest.raises(threelc.ConfigurationError, match="start_iter"):
         ThreeLCState(start_iter=-1)
-    state = ThreeLCState(sparsity=1.7, transport="sharded", start_iter=5)
+    with pytest.raises(threelc.ConfigurationError, match="sparsity_warmup"):
+        ThreeLCState(sparsity_warmup=-1)
+    state = ThreeLCState(sparsity=1.7, transport="sharded", start_iter=5, sparsity_warmup=7)
     state.iter = 9
     restored = pickle.loads(pickle.dumps(state))
     assert (restored.sparsity, restored.transport, restored.start_iter, restored.iter) == (1.7, "sharded", 5, 9)
+    assert restored.sparsity_warmup == 7
     buffer = io.BytesIO()
     torch.save(state.state_dict(), buffer)
     buffer.seek(0)
-    other = ThreeLCState(sparsity=1.7, transport="sharded", start_iter=5)
+    other = ThreeLCState(sparsity=1.7, transport="sharded", start_iter=5, sparsity_warmup=7)
     other.load_state_dict(torch.load(buffer, weights_only=True))
     assert other.iter == 9
     with pytest.raises(threelc.ConfigurationError, match="differ"):
         ThreeLCState(sparsity=1.2, transport="sharded", start_iter=5).load_state_dict(state.state_dict())
+    with pytest.raises(threelc.ConfigurationError, match="differ"):  # the schedule is a setting too
+        ThreeLCState(sparsity=1.7, transport="sharded", start_iter=5, sparsity_warmup=8).load_state_dict(
+            state.state_dict())
+
+
+def test_sparsity_warmup_schedule():
+    """Compression from the first compressed step, at s = 1 + (target - 1) * k / warmup for its k-th step."""
+    state = ThreeLCState(sparsity=1.9, start_iter=2, sparsity_warmup=4)
+    assert [round(state.sparsity_at(i), 6) for i in range(2, 8)] == [1.225, 1.45, 1.675, 1.9, 1.9, 1.9]
+    assert ThreeLCState(sparsity=1.9, start_iter=2, sparsity_warmup=0).sparsity_at(2) == 1.9
+    assert ThreeLCState(sparsity=1.9).sparsity_warmup == threelc.hooks.ddp.DEFAULT_SPARSITY_WARMUP

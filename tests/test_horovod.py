@@ -28,9 +28,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from horovod_worker import (CHECKPOINT, DIGITS_STEPS, EXACT_STEPS, MISMATCHES, SHAPES, TRANSPORTS, VARIANTS,
+from horovod_worker import (CHECKPOINT, DIGITS_STEPS, EXACT_STEPS, MISMATCHES, SHAPES, TRANSPORTS, VARIANTS, WARMUP,
                             gradients, partial_gradient)
 from reference import Reference
+from threelc.hooks import ThreeLCState
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "horovod_worker.py"
@@ -143,9 +144,11 @@ def assert_matches_reference(result, world, settings):
     start_iter, dtype = settings.get("start_iter", 2), settings.get("dtype", torch.float32)
     factor = world if settings.get("op") == "sum" else 1
     reference = Reference(transport, world, sparsity)
+    schedule = ThreeLCState(sparsity=sparsity, start_iter=start_iter, sparsity_warmup=WARMUP)
     buckets = result["buckets"]
     assert sorted(i for bucket in buckets for i in bucket) == list(range(len(result["params"])))
     for step, got in enumerate(result["history"]):
+        reference.set_sparsity(schedule.sparsity_at(step))
         per_rank = [rank_gradients(r, step, world, settings) for r in range(world)]
         if step < start_iter:  # warm-up: a plain Horovod all-reduce
             for i, x in enumerate(got):
