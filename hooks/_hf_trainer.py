@@ -28,8 +28,8 @@ class ThreeLCCallback(TrainerCallback):
     The Trainer wraps its model in DDP inside ``train()``; this callback registers the
     hook at ``on_train_begin`` (before the first backward) on ``trainer.model_wrapped``,
     and at every logging step (``logging_steps``) logs ``threelc/*`` figures through
-    ``trainer.log``, so every ``report_to`` integration and ``trainer.state.log_history``
-    get them. In a single-process run there is no DDP model and it raises
+    ``trainer.log`` (one entry before the Trainer's own loss entry of that step), so
+    every ``report_to`` integration and ``trainer.state.log_history`` get them. In a single-process run there is no DDP model and it raises
     ``threelc.ConfigurationError``: launch with ``torchrun --nproc-per-node N``.
     Call ``train()`` once per callback (a hook can be registered only once per model).
     """
@@ -49,3 +49,4 @@ class ThreeLCCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_log:
             self.trainer.log(flat_stats(self.state.stats))
+            control.should_log = True  # trainer.log cleared it; the Trainer's own entry (loss) follows
