@@ -3,7 +3,10 @@
     from threelc.hooks import ThreeLCState, threelc_hook
     ddp_model.register_comm_hook(ThreeLCState(sparsity=1.0), threelc_hook)
 
-Horovod users: ``threelc.hooks.horovod``.
+Horovod users: ``threelc.hooks.horovod``. Lightning: ``threelc.hooks.lightning``
+(``ThreeLCStrategy``, ``ThreeLCStatsLogger``); accelerate and the transformers
+``Trainer``: ``threelc.hooks.hf`` (``register``, ``ThreeLCCallback``). Those modules
+import their framework; this package does not.
 """
 
 from .ddp import ThreeLCState, threelc_hook

@@ -8,7 +8,9 @@ Builds, for a run with N nodes (names carry a unique prefix ``tlc<pid>x<k>``):
 * namespaces ``<prefix>-n<i>``, each with ``lo`` up and ``veth<i>`` (the peer
   of ``port<i>``) addressed ``10.77.0.<i+1>/24`` -- addresses exist only there;
 * per-node egress shaping on ``veth<i>``: ``tbf`` for ``--rate``; ``netem``
-  for ``--delay``/``--loss`` (with ``--rate`` folded into netem).
+  for ``--delay`` (with ``--rate`` folded into netem); ``--loss`` (percent) is an
+  nftables rule dropping that share of the packets leaving ``veth<i>``
+  (launch/netloss.py; needs ``nft``, not netem).
 
 It then runs one torchrun agent per namespace (``--nnodes N --nproc-per-node
 1``, c10d rendezvous at node 0, ``GLOO_SOCKET_IFNAME=veth<i>``), collects the
@@ -18,9 +20,9 @@ adding and deleting the namespaces above, and teardown deletes only
 namespaces this process created (which removes their links with them); it
 runs on normal exit, exceptions, SIGINT/SIGTERM and at interpreter exit.
 
-Kernels without ``sch_netem`` cannot emulate delay or loss: a run asking for
-them fails with an explanation, or, with ``strict=False`` / ``--best-effort``,
-proceeds with rate shaping only and records what was skipped.
+Kernels without ``sch_netem`` cannot emulate delay: a run asking for it fails
+with an explanation, or, with ``strict=False`` / ``--best-effort``, proceeds
+without delay and records what was skipped.
 
 From Python: ``run_lab(["--model", "mlp-wide", "--hook", "fp16"], nodes=2,
 rate="100mbit")`` returns the same object the CLI prints.
@@ -46,6 +48,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from launch import netloss
 from launch.runner import parse_result, torchrun_cmd, worker_env
 
 _lab_ids = itertools.count()
@@ -94,7 +97,11 @@ class NetLab:
                  subnet: str = "10.77.0", strict: bool = True):
         if not 1 <= nodes <= 200:
             raise LabError("nodes must be in 1..200")
-        self.nodes, self.rate, self.delay, self.loss = nodes, rate, delay, float(loss or 0)
+        self.nodes, self.rate, self.delay = nodes, rate, delay
+        try:
+            self.loss = netloss.check_percent(loss or 0)
+        except netloss.LossError as error:
+            raise LabError(str(error)) from None
         self.subnet, self.strict = subnet, strict
         self.prefix = f"tlc{os.getpid()}x{next(_lab_ids)}"
         self.bridge_ns = f"{self.prefix}-br"
@@ -159,31 +166,31 @@ class NetLab:
             _run(node + ["addr", "add", f"{self.ip(i)}/24", "dev", dev])
             _run(node + ["link", "set", dev, "up"])
             self._shape(ns, dev)
+            if self.loss > 0:
+                try:
+                    netloss.install(ns, dev, self.loss)
+                except netloss.LossError as error:
+                    raise LabError(str(error)) from None
 
     def _shape(self, ns: str, dev: str) -> None:
-        """Egress shaping of one node's link: tbf for rate, netem for delay/loss."""
+        """Egress shaping of one node's link: tbf for rate, netem for delay (loss: nftables)."""
         tc = ["tc", "-n", ns, "qdisc", "add", "dev", dev, "root"]
-        wants_netem = bool(self.delay and self.delay not in ("0", "0ms")) or self.loss > 0
-        if wants_netem:
-            args = ["netem"]
-            if self.delay:
-                args += ["delay", self.delay]
-            if self.loss > 0:
-                args += ["loss", f"{self.loss}%"]
+        if self.delay and self.delay not in ("0", "0ms"):
+            args = ["netem", "delay", self.delay]
             if self.rate:
                 args += ["rate", self.rate]
             # Deep enough queue that shaping delays packets instead of dropping them.
             p = _run(tc + args + ["limit", "10000"], check=False)
             if p.returncode == 0:
-                self.emulation = {"qdisc": "netem", "rate": self.rate, "delay": self.delay, "loss": self.loss}
+                self.emulation = {"qdisc": "netem", "rate": self.rate, "delay": self.delay}
                 return
-            msg = (f"cannot emulate delay/loss: `tc qdisc add ... netem` failed ({p.stderr.strip()}); "
-                   "this kernel lacks sch_netem. Use --delay 0 --loss 0 (rate shaping uses tbf), "
-                   "or --best-effort to run without delay/loss")
+            msg = (f"cannot emulate delay: `tc qdisc add ... netem` failed ({p.stderr.strip()}); "
+                   "this kernel lacks sch_netem. Use --delay 0 (rate shaping uses tbf, --loss nftables), "
+                   "or --best-effort to run without delay")
             if self.strict:
                 raise LabError(msg)
             print(f"[netlab] warning: {msg}", file=sys.stderr)
-            self.emulation = {"unsupported": ["delay", "loss"], "reason": "sch_netem unavailable"}
+            self.emulation = {"unsupported": ["delay"], "reason": "sch_netem unavailable"}
         if self.rate:
             bps = rate_bytes_per_s(self.rate)
             # burst must cover one timer tick and a full GSO packet; the queue
@@ -246,6 +253,7 @@ class NetLab:
                 f.close()
         wall = time.time() - t0
         after = self.counters()
+        dropped = [netloss.dropped(self.ns(i)) for i in range(self.nodes)] if self.loss > 0 else None
         outs = [(logs / f"node{i}.out").read_text() for i in range(self.nodes)]
         if failed:
             tails = "\n".join(f"--- node {i} stderr ---\n{(logs / f'node{i}.err').read_text()[-2500:]}"
@@ -262,7 +270,7 @@ class NetLab:
             raise LabError(f"no result line from any node; logs in {logs}")
         if log_dir is None:
             shutil.rmtree(logs, ignore_errors=True)
-        return self._result(train, before, after, wall)
+        return self._result(train, before, after, wall, dropped)
 
     def _wait(self, timeout: float) -> str | None:
         deadline = time.time() + timeout
@@ -277,7 +285,7 @@ class NetLab:
             time.sleep(0.2)
         return f"timeout after {timeout:.0f} s"
 
-    def _result(self, train: dict, before: list, after: list, wall: float) -> dict:
+    def _result(self, train: dict, before: list, after: list, wall: float, dropped: list | None) -> dict:
         steps = max(1, train["steps"] - train.get("start_step", 0))
         steady = {}
         for w in train.get("wire") or []:
@@ -296,7 +304,8 @@ class NetLab:
         st = [n["tx_bytes_per_step_steady"] for n in per_node]
         return {
             "lab": {"nodes": self.nodes, "rate": self.rate, "delay": self.delay, "loss": self.loss,
-                    "emulation": self.emulation, "prefix": self.prefix, "wall_s": wall},
+                    "emulation": self.emulation, "prefix": self.prefix, "wall_s": wall,
+                    "loss_dropped_packets": dropped},  # per node, by the nftables loss rule
             "train": train,
             "wire": {
                 "per_node": per_node,
@@ -363,10 +372,11 @@ def main(argv=None) -> int:
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--rate", default=None, help="per-node egress rate, tc syntax (100mbit, 1gbit)")
     p.add_argument("--delay", default=None, help="per-node egress delay (needs sch_netem), e.g. 1ms")
-    p.add_argument("--loss", type=float, default=0.0, help="per-node egress loss in percent (needs sch_netem)")
+    p.add_argument("--loss", "--loss-percent", type=float, default=0.0,
+                   help="per-node egress packet loss in percent (nftables rule; needs nft)")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--port", type=int, default=29500)
-    p.add_argument("--best-effort", action="store_true", help="run without delay/loss if netem is missing")
+    p.add_argument("--best-effort", action="store_true", help="run without delay if netem is missing")
     p.add_argument("--log-dir", default=None, help="keep each node's stdout/stderr here")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the result here")
     p.add_argument("--cleanup", action="store_true", help="delete namespaces left by dead netlab runs, then exit")
