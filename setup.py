@@ -12,7 +12,8 @@ import os
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-SOURCES = ["threelc/native/encode.cpp", "threelc/native/decode.cpp", "threelc/native/module.cpp"]
+SOURCES = ["threelc/native/encode.cpp", "threelc/native/lanes.cpp", "threelc/native/decode.cpp",
+           "threelc/native/module.cpp"]
 # No -ffast-math and no FMA contraction: the kernels must round exactly as PyTorch does.
 FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fvisibility=hidden",
          f"-march={os.environ.get('THREELC_NATIVE_ARCH', 'native')}"]
@@ -29,7 +30,7 @@ class OptionalBuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("threelc._native", SOURCES, depends=["threelc/native/codec.h"],
+    ext_modules=[Extension("threelc._native", SOURCES, depends=["threelc/native/codec.h", "threelc/native/quantize.h"],
                            extra_compile_args=FLAGS, extra_link_args=["-pthread"], language="c++")],
     cmdclass={"build_ext": OptionalBuildExt},
 )
