@@ -99,6 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tta-slack", type=float, default=0.01,
                    help="also report the time to reach none's final accuracy minus this (digits-cnn's test "
                         "set has 359 images: one image is 0.28 points)")
+    p.add_argument("--sparsity-warmup", type=int, default=None,
+                   help="3LC cells: train.py --sparsity-warmup (default: threelc's; 0 measures each sparsity from "
+                        "the first compressed step)")
     p.add_argument("--powersgd-rank", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", type=_csv(str), default=[], metavar="NODES:RATE,...",
@@ -271,6 +274,7 @@ def _profile_worker(rank: int, world: int, port: int, jobs: list[dict], out: str
                 continue
             ddp = DDP(task.model)
             comm = setup_comm(ddp, job["hook"], sparsity=job.get("sparsity") or 1.0,
+                              sparsity_warmup=job.get("sparsity_warmup"),
                               transport=job.get("transport") or "allgather", start_iter=2)
             opt = task.make_optimizer(ddp.parameters())
             times, snap = [], None
@@ -330,7 +334,7 @@ def codec_profile(a) -> dict:
                     for backend in codec_backends():
                         label = v["variant"] + ("" if backend == "native" else f" ({backend} codec)")
                         jobs.append({"model": model, **v, "variant": label, "backend": backend, "steps": steps,
-                                     "warm": warm})
+                                     "warm": warm, "sparsity_warmup": a.sparsity_warmup})
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

@@ -67,6 +67,8 @@ def train_args(model: str, v: dict, a) -> list[str]:
         args += ["--eval-every", str(a.eval_every)]
     if v["hook"] == "threelc":
         args += ["--transport", v["transport"], "--sparsity", f"{v['sparsity']:g}"]
+        if getattr(a, "sparsity_warmup", None) is not None:
+            args += ["--sparsity-warmup", str(a.sparsity_warmup)]
     if v["hook"] == "powersgd":
         args += ["--powersgd-rank", str(a.powersgd_rank)]
     if v["variant"] == "powersgd-multibucket":
