@@ -223,7 +223,7 @@ class ShardedTransport(Transport):
         return plan
 
     def start(self, keys, grad, segments, out=None):
-        world, me, device, codec = self.comm.world_size, self.comm.rank, grad.device, codec_for(grad.device)
+        world, device, codec = self.comm.world_size, grad.device, codec_for(grad.device)
         servers, refined, mine = self._plan(segments)
         worker_keys = [(k, j) for k in keys for j in range(world)]
         start = time.perf_counter()
