@@ -11,7 +11,7 @@ goes on computing the next buckets.
 A job runs its bucket up to the last collective, which it leaves in flight, and hands
 back a ``Deferred`` for the rest. The thread then starts the next bucket (if one is
 queued) before finishing the previous one, so bucket k+1's encoding overlaps bucket
-k's transfer and bucket k's decoding overlaps bucket k+1's. Finishing issues no
+k's transfer and bucket k's decoding overlaps bucket k+1's transfer. Finishing issues no
 collective, so the order of collectives stays the bucket order whatever the timing.
 """
 
@@ -40,7 +40,7 @@ def _close_all() -> None:
 class Deferred:
     """The rest of one bucket's exchange once its last collective is in flight.
 
-    ``ready()`` polls the collectives it waits for; ``finish()`` waits for them, decodes,
+    ``done()`` polls the collectives it waits for (as ``Pending.done`` does); ``finish()`` waits for them, decodes,
     stores the residuals and returns the average. The pipeline starts the next bucket
     before it finishes this one, so the codec work of one overlaps the transfer of the other.
     """
@@ -48,7 +48,7 @@ class Deferred:
     def __init__(self, finish: Callable[[], object], pending: tuple = ()):
         self._finish, self._pending = finish, pending
 
-    def ready(self) -> bool:
+    def done(self) -> bool:
         return all(p.done() for p in self._pending)
 
     def finish(self) -> torch.Tensor:
@@ -72,7 +72,7 @@ POLL_SECONDS = 0.001
 class CommPipeline:
     """Runs submitted jobs one at a time, in order, and hands back their futures.
 
-    A job returns a ``Deferred`` (``ready()``, ``finish()``); its future completes with
+    A job returns a ``Deferred`` (``done()``, ``finish()``); its future completes with
     what ``finish()`` returns. ``flush=True`` finishes a job before taking the next one
     (the last bucket of a step: nothing comes after it to overlap with).
     """
@@ -122,9 +122,9 @@ class CommPipeline:
                 item = self._jobs.get()
             else:
                 try:
-                    item = self._jobs.get(timeout=0 if pending[0].ready() else POLL_SECONDS)
+                    item = self._jobs.get(timeout=0 if pending[0].done() else POLL_SECONDS)
                 except queue.Empty:
-                    if pending[0].ready():
+                    if pending[0].done():
                         self._complete(pending)
                         pending = None
                     continue
