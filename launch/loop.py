@@ -136,6 +136,10 @@ class Measured:
     losses: list[float] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     counters: tuple[dict | None, dict | None] = (None, None)  # meter, before and after the window
+    # The meter before this invocation's first step, and before the first step at the
+    # target sparsity (threelc after its warm-up; None when the run ends before it).
+    run_start: dict | None = None
+    at_target: tuple[int, dict] | None = None
     iface: tuple[dict | None, dict | None] = (None, None)  # --wire-iface, before and after
     total_time_s: float = 0.0
 
@@ -143,6 +147,31 @@ class Measured:
         before, after = self.counters
         n = len(self.step_times)
         return (after[key] - before[key]) / n if n and before is not None else None
+
+    def whole_run(self) -> dict | None:
+        """Bytes over every step this invocation ran: uncompressed start and warm-up included."""
+        before, after = self.run_start, self.counters[1]
+        if before is None or after is None:
+            return None
+        sent, uncompressed = after["sent"] - before["sent"], after["uncompressed"] - before["uncompressed"]
+        return {"bytes_sent": sent, "uncompressed_bytes": uncompressed, "ratio": uncompressed / sent if sent else None}
+
+    def target_bytes_per_step(self, end_step: int) -> float | None:
+        """Bytes per step from the first step at the target sparsity to the end."""
+        if self.at_target is None or self.counters[1] is None or end_step <= self.at_target[0]:
+            return None
+        step, before = self.at_target
+        return (self.counters[1]["sent"] - before["sent"]) / (end_step - step)
+
+
+def target_sparsity_step(args) -> int | None:
+    """The first step threelc compresses at ``--sparsity`` itself (after start_iter and the warm-up)."""
+    if args.hook != "threelc":
+        return None
+    from threelc.hooks.ddp import DEFAULT_SPARSITY_WARMUP
+
+    warmup = DEFAULT_SPARSITY_WARMUP if args.sparsity_warmup is None else args.sparsity_warmup
+    return args.start_iter + max(warmup - 1, 0)
 
 
 def run_steps(args, task, model, module, opt, meter, *, rank: int, world: int, device: torch.device,
@@ -155,7 +184,8 @@ def run_steps(args, task, model, module, opt, meter, *, rank: int, world: int, d
     """
     progress = progress_bar(args, rank, start_step, desc)
     first_measured = first_measured_step(args, start_step)
-    run = Measured(start_step)
+    run = Measured(start_step, run_start=meter.counters())
+    target_step = target_sparsity_step(args)
     before = before_iface = None
     base_lrs = [group["lr"] for group in opt.param_groups]
     t_begin = time.perf_counter()
@@ -165,6 +195,8 @@ def run_steps(args, task, model, module, opt, meter, *, rank: int, world: int, d
             inject_fault(args, rank, step)
         if step == first_measured:  # counters *before* the first measured step
             before, before_iface = meter.counters(), read_iface(args.wire_iface)
+        if step == target_step:
+            run.at_target = (step, meter.counters())
         x, y = task.train_batch(rank, world, step)
         sync(device)
         t0 = time.perf_counter()
@@ -246,6 +278,10 @@ def result_line(args, task, run: Measured, *, world: int, final: dict, train_los
         "final_accuracy": final.get("accuracy"),
         # -- extras --
         "bytes_received_per_step": run.per_step("received"),
+        # Honest traffic: every step of the run (fp32 start and sparsity warm-up included),
+        # and the steps at the target sparsity alone.
+        "whole_run": run.whole_run(),
+        "target_sparsity_bytes_per_step": run.target_bytes_per_step(args.steps) if threelc else None,
         "metrics": final,
         "final_train_loss": train_loss,
         "evals": run.evals,

@@ -36,7 +36,7 @@ ROUNDTRIP_HOOKS = ["none", "powersgd", "threelc"]
 def _hook_args(hook: str) -> list[str]:
     args = ["--hook", hook]
     if hook == "threelc":
-        args += ["--sparsity", "1.75", "--transport", "allgather"]
+        args += ["--sparsity", "1.75", "--transport", "allgather", "--sparsity-warmup", "4"]
     return args
 
 
@@ -63,6 +63,9 @@ def test_result_line(full_runs, hook, bytes_per_elem):
     assert res["num_params"] == DIGITS_PARAMS
     assert res["uncompressed_bytes_per_step"] == DIGITS_PARAMS * 4
     assert res["bytes_per_step"] == DIGITS_PARAMS * bytes_per_elem
+    assert res["whole_run"] == {"bytes_sent": 10 * DIGITS_PARAMS * bytes_per_elem,
+                                "uncompressed_bytes": 10 * DIGITS_PARAMS * 4, "ratio": 4 / bytes_per_elem}
+    assert res["target_sparsity_bytes_per_step"] is None
     assert res["measured_steps"] == 10 - 3  # default --warmup-steps 3
     assert 0 < res["mean_step_time_s"] < 5
     assert 0 <= res["final_accuracy"] <= 1 and res["final_loss"] > 0
@@ -75,6 +78,13 @@ def test_result_line_threelc(full_runs):
     assert res["transport"] == "allgather" and res["sparsity"] == 1.75
     assert res["uncompressed_bytes_per_step"] == DIGITS_PARAMS * 4
     assert 0 < res["bytes_per_step"] < DIGITS_PARAMS * 4 / 4  # well below fp32
+    # The whole run counts the two fp32 steps before start_iter; the target-sparsity
+    # figure only steps 5..9 (start_iter 2 + warm-up 4 - 1 is the first at s = 1.75).
+    whole = res["whole_run"]
+    assert whole["uncompressed_bytes"] == 10 * DIGITS_PARAMS * 4
+    assert 2 * DIGITS_PARAMS * 4 < whole["bytes_sent"] < 2 * DIGITS_PARAMS * 4 + 8 * res["bytes_per_step"] * 1.5
+    assert whole["ratio"] == whole["uncompressed_bytes"] / whole["bytes_sent"]
+    assert 0 < res["target_sparsity_bytes_per_step"] <= res["bytes_per_step"] * 1.5
 
 
 @pytest.mark.parametrize("hook", ROUNDTRIP_HOOKS)
