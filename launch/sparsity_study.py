@@ -44,7 +44,11 @@ def compress(x: torch.Tensor, residual: torch.Tensor, sparsity: float, args) -> 
     decoded = dequantize(q, scales, segments)
     if args.mean_scale and bool((q != 0).any()):  # send the mean selected magnitude, not sparsity * max
         decoded = q.float() * compensated.abs()[q != 0].mean()
-    return decoded, compensated - decoded
+    residual = compensated - decoded
+    if args.residual_clip:  # variant: bound the residual by a multiple of this step's largest input
+        bound = float(x.abs().max()) * args.residual_clip
+        residual = residual.clamp(-bound, bound)
+    return decoded, residual
 
 
 def average(grads: list[torch.Tensor], residuals: list[torch.Tensor], server_residual: torch.Tensor,
@@ -84,6 +88,7 @@ def main(argv=None) -> dict:
     p.add_argument("--server-sparsity", type=float, default=None, help="sharded: the server's own multiplier")
     p.add_argument("--block", type=int, default=0, help="one scale per this many elements (0: per tensor)")
     p.add_argument("--residual-decay", type=float, default=1.0, help="residual multiplier before each step")
+    p.add_argument("--residual-clip", type=float, default=0, help="bound |residual| by this x max|gradient| (0: none)")
     p.add_argument("--mean-scale", action="store_true", help="variant: decoded magnitude = mean selected |x|")
     p.add_argument("--trace", action="store_true", help="norms every 10 steps")
     args = p.parse_args(argv)

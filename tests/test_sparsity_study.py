@@ -9,7 +9,7 @@ from threelc import ErrorFeedback
 
 
 def _args(**overrides):
-    base = dict(transport="allgather", block=0, residual_decay=1.0, mean_scale=False, server_sparsity=None)
+    base = dict(transport="allgather", block=0, residual_decay=1.0, residual_clip=0, mean_scale=False, server_sparsity=None)
     return argparse.Namespace(**(base | overrides))
 
 
