@@ -61,7 +61,7 @@ from typing import Iterable
 
 import torch
 
-from threelc import ConfigurationError
+from threelc import CommunicationError, ConfigurationError
 
 try:
     import horovod.torch as hvd
@@ -137,7 +137,7 @@ class HorovodCollectives(Collectives):
         def split(_):
             result = handle.output
             if result.numel() != sum(sizes):
-                raise RuntimeError(f"allgather returned {result.numel()} bytes; the exchanged sizes {sizes} "
+                raise CommunicationError(f"allgather returned {result.numel()} bytes; the exchanged sizes {sizes} "
                                    f"add up to {sum(sizes)}")
             return list(result.split(list(sizes)))
 
@@ -148,7 +148,7 @@ class HorovodCollectives(Collectives):
         result, received = hvd.synchronize(
             hvd.alltoall_async(tensor.contiguous(), splits=splits, name=self._name("alltoall")))
         if received.tolist() != list(recv_splits):
-            raise RuntimeError(f"alltoall received splits {received.tolist()}, expected {list(recv_splits)}")
+            raise CommunicationError(f"alltoall received splits {received.tolist()}, expected {list(recv_splits)}")
         self._count(tensor, result)
         return result
 
@@ -435,16 +435,16 @@ def _parameter_names(named_parameters, param_groups) -> dict:
                 for j, p in enumerate(group["params"])}
     named = list(named_parameters)
     if any(not isinstance(item, tuple) for item in named):
-        raise ValueError("named_parameters should be a sequence of (name, parameter) tuples, usually "
+        raise ConfigurationError("named_parameters should be a sequence of (name, parameter) tuples, usually "
                          "model.named_parameters()")
     names = [name for name, _ in named]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise ValueError(f"parameter names in named_parameters must be unique; duplicates: {', '.join(duplicates)}")
+        raise ConfigurationError(f"parameter names in named_parameters must be unique; duplicates: {', '.join(duplicates)}")
     by_id = {id(p): name for name, p in named}
     unnamed = [p for group in param_groups for p in group["params"] if id(p) not in by_id]
     if unnamed:
-        raise ValueError(f"named_parameters was given, but {len(unnamed)} optimizer parameter(s) are not in it")
+        raise ConfigurationError(f"named_parameters was given, but {len(unnamed)} optimizer parameter(s) are not in it")
     return {p: by_id[id(p)] for group in param_groups for p in group["params"]}
 
 
