@@ -21,8 +21,8 @@ suite() {  # backend, hypothesis examples per property
   THREELC_BACKEND=$1 THREELC_TEST_DEVICE=cuda THREELC_TRITON_EXAMPLES=$2 PYTHONPATH="tests${PYTHONPATH:+:$PYTHONPATH}" \
     timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/triton_suite.py
 }
-echo "== codec tests: triton on cuda"; suite triton 60
-echo "== codec tests: torch on cuda"; suite torch 12
+echo "== codec tests: triton on cuda"; suite triton 30
+echo "== codec tests: torch on cuda"; suite torch 8
 echo "== codec tests: native (cpu)"; timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_native.py
 echo "gpu_check: tests took $(( $(date +%s) - start )) s"
 

@@ -58,9 +58,18 @@ def _chunk_table(layout, device: torch.device) -> tuple[torch.Tensor, ...]:
 
 
 def _exclusive_cumsum(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(exclusive prefix sums, total) of per-block int32 counts, on the device."""
-    inclusive = torch.cumsum(values, 0, dtype=torch.int32)
+    """(exclusive prefix sums, total) of per-block counts, on the device, in int64: a
+    hostile body's expansion (up to 14 bytes a byte) must not wrap around to a valid size."""
+    inclusive = torch.cumsum(values, 0, dtype=torch.int64)
     return inclusive - values, inclusive[-1]
+
+
+@functools.lru_cache(maxsize=256)
+def _prefix(layout, dtype: torch.dtype, zre: bool, device: torch.device) -> torch.Tensor:
+    """The header and segment table on ``device``, built once (the body length is written per payload)."""
+    n5 = packed_length(layout.numel)
+    return torch.frombuffer(bytearray(header_prefix(layout.lengths, dtype, zre, 0 if zre else n5)),
+                            dtype=torch.uint8).to(device)
 
 
 def _elements(x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +161,7 @@ class TritonCodec(Codec):
         """Zero-run encode ``packed`` into ``body`` (as long or longer); returns the length on the device."""
         n = packed.numel()
         if not n:
-            return torch.zeros((), dtype=torch.int32, device=packed.device)
+            return torch.zeros((), dtype=torch.int64, device=packed.device)
         blocks = _blocks(n)
         last_kept = torch.empty(blocks, dtype=torch.int32, device=packed.device)
         K.zre_last_kept_kernel[(blocks,)](packed, n, last_kept, BLOCK=_BLOCK)
@@ -174,11 +183,11 @@ class TritonCodec(Codec):
         digits = self._digits(TRITS_PER_BYTE * n5, numel, device)
         zeros = self._quantize(x, residual, residual_out, layout, table, scales, finite, digits)
 
-        prefix = header_prefix(layout.lengths, dtype or x.dtype, zre, 0 if zre else n5)
-        body_offset = len(prefix) + 4 * count
+        prefix = _prefix(layout, dtype or x.dtype, zre, device)
+        body_offset = prefix.numel() + 4 * count
         buffer = torch.empty(body_offset + n5, dtype=torch.uint8, device=device)
-        buffer[:len(prefix)].copy_(torch.frombuffer(bytearray(prefix), dtype=torch.uint8))
-        buffer[len(prefix):body_offset].copy_(scales.view(torch.uint8))
+        buffer[:prefix.numel()].copy_(prefix)
+        buffer[prefix.numel():body_offset].copy_(scales.view(torch.uint8))
         body = buffer[body_offset:]
         packed = torch.empty(n5, dtype=torch.uint8, device=device) if zre else body
         if n5:
@@ -187,7 +196,7 @@ class TritonCodec(Codec):
             length = self._zre(packed, body).to(torch.int64)
             buffer[16:24].view(torch.int64).copy_(length.reshape(1))  # the header's body length (wire.py)
         else:
-            length = torch.tensor(n5, dtype=torch.int64, device=device)
+            length = torch.full((), n5, dtype=torch.int64, device=device)
         # The one sync: the exchange needs the payload's size on the host.
         body_length, is_finite, zero_count = torch.stack([length, finite.to(torch.int64), zeros]).cpu().tolist()
         if not is_finite:
@@ -198,7 +207,7 @@ class TritonCodec(Codec):
         """Expand one body into ``packed``; returns a device bool: the body is invalid."""
         n, n5 = body.numel(), packed.numel()
         if not n:
-            return torch.tensor(n5 != 0, device=body.device)
+            return torch.full((), n5 != 0, dtype=torch.bool, device=body.device)
         blocks = _blocks(n)
         totals = torch.empty(blocks, dtype=torch.int32, device=body.device)
         K.expand_count_kernel[(blocks,)](body, n, flags, totals, BLOCK=_BLOCK)
