@@ -17,9 +17,10 @@ Throughput rows: for each backend (on CPU ``native``, the fused C++ kernels; on 
   and ``clone``: ``x.clone()``,
 
 interleaved, so drift on a shared machine hits every candidate alike. On CUDA each row
-also gives GB/s: the bytes an operation must move at the least (encode: read x and the
-residual, write the new residual and the payload; decode N: read N payloads, write the
-float32 output) over its time, and that as a fraction of the card's memory bandwidth
+also gives GB/s: the bytes its kernels must move at the least (encode: the maxima pass
+reads x and the residual, the quantize pass reads them again and writes the new
+residual and the payload; decode N: read N payloads, write the float32 output) over its
+time, and that as a fraction of the card's memory bandwidth
 (``--bandwidth``, else a table of data-sheet figures by card name, else clock x bus
 width from the device properties; the row names the figure and where it came from). Ratios to
 memcpy are in the same row. Bits per element are measured on Gaussian data and on
@@ -74,7 +75,7 @@ def card_bandwidth(device: torch.device, given: float | None) -> tuple[float, st
 def bytes_moved(numel: int, payload_bytes: list[int], decode_count: int | None = None) -> int:
     """The least traffic of one operation on float32 data (see the module docstring)."""
     if decode_count is None:
-        return 3 * 4 * numel + payload_bytes[0]
+        return 5 * 4 * numel + payload_bytes[0]
     return sum(payload_bytes[:decode_count]) + 4 * numel
 
 

@@ -72,6 +72,16 @@ def _prefix(layout, dtype: torch.dtype, zre: bool, device: torch.device) -> torc
                             dtype=torch.uint8).to(device)
 
 
+@functools.lru_cache(maxsize=256)
+def _segment_table(layout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 payload starts and tensor offsets of the segments, on ``device``."""
+    starts = [0]
+    for n in layout.lengths[:-1]:
+        starts.append(starts[-1] + n)
+    return (torch.tensor(starts, dtype=torch.int64).to(device),
+            torch.tensor(layout.offsets, dtype=torch.int64).to(device))
+
+
 def _elements(x: torch.Tensor) -> torch.Tensor:
     """What the element kernels load: bfloat16 as its int16 bits (kernels._compensated)."""
     return x.view(torch.int16) if x.dtype == torch.bfloat16 else x
@@ -180,8 +190,6 @@ class TritonCodec(Codec):
         scales = scales_from_absmax(self._absmax(x, residual, layout, table), sparsity)
         finite = torch.isfinite(scales).all().to(torch.int32)
         n5 = packed_length(numel)
-        digits = self._digits(TRITS_PER_BYTE * n5, numel, device)
-        zeros = self._quantize(x, residual, residual_out, layout, table, scales, finite, digits)
 
         prefix = _prefix(layout, dtype or x.dtype, zre, device)
         body_offset = prefix.numel() + 4 * count
@@ -190,8 +198,16 @@ class TritonCodec(Codec):
         buffer[prefix.numel():body_offset].copy_(scales.view(torch.uint8))
         body = buffer[body_offset:]
         packed = torch.empty(n5, dtype=torch.uint8, device=device) if zre else body
+        zeros = torch.zeros((), dtype=torch.int64, device=device)
         if n5:
-            K.pack_kernel[(_blocks(n5),)](digits, packed, n5, BLOCK=_BLOCK)
+            per_block = torch.empty(_blocks(n5), dtype=torch.int32, device=device)
+            starts, offsets = _segment_table(layout, device)
+            K.quantize_pack_kernel[(_blocks(n5),)](
+                _elements(x), x if residual is None else residual, x if residual_out is None else residual_out,
+                self._thresholds(scales), scales, finite, starts, offsets, count, numel, n5, packed, per_block,
+                HAS_RESIDUAL=residual is not None, FEEDBACK=residual_out is not None,
+                BF16_BITS=x.dtype == torch.bfloat16, SEARCH_STEPS=max(1, (count - 1).bit_length()), BLOCK=_BLOCK)
+            zeros = per_block.sum(dtype=torch.int64)
         if zre:
             length = self._zre(packed, body).to(torch.int64)
             buffer[16:24].view(torch.int64).copy_(length.reshape(1))  # the header's body length (wire.py)

@@ -83,8 +83,8 @@ def quantize_kernel(x_ptr, r_ptr, residual_out_ptr, threshold_ptr, scale_ptr, fi
                     segment_ptr, position_ptr, offset_ptr, count_ptr, digits_ptr, zeros_ptr,
                     HAS_RESIDUAL: tl.constexpr, FEEDBACK: tl.constexpr, BF16_BITS: tl.constexpr,
                     BLOCK: tl.constexpr):
-    """Compensate, quantize by the thresholds, write digits t = q + 1 in payload order and
-    the new residual; count ternary zeros per chunk. The residual is written only when
+    """Compensate, quantize by the thresholds, write digits t = q + 1 in payload order (for
+    the lane packing) and the new residual; count ternary zeros per chunk. The residual is written only when
     every scale is finite (``finite_ptr``), so a non-finite bucket keeps the old one
     without the host having to look first."""
     chunk, segment, position, at, mask = _chunk(segment_ptr, position_ptr, offset_ptr, count_ptr, BLOCK)
@@ -100,14 +100,48 @@ def quantize_kernel(x_ptr, r_ptr, residual_out_ptr, threshold_ptr, scale_ptr, fi
 
 
 @triton.jit
-def pack_kernel(digits_ptr, out_ptr, n5, BLOCK: tl.constexpr):
-    """byte[j] = 81*t[j] + 27*t[n5 + j] + 9*t[2*n5 + j] + 3*t[3*n5 + j] + t[4*n5 + j] (packing.py)."""
-    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = j < n5
-    acc = tl.load(digits_ptr + j, mask=mask, other=0).to(tl.int32)
-    for k in tl.static_range(1, 5):
-        acc = acc * 3 + tl.load(digits_ptr + k * n5 + j, mask=mask, other=0).to(tl.int32)
-    tl.store(out_ptr + j, acc.to(tl.uint8), mask=mask)
+def _segment_of(e, starts_ptr, num_segments, SEARCH_STEPS: tl.constexpr):
+    """The last segment starting at or before payload position ``e`` (so empty ones are skipped)."""
+    lo = tl.zeros(e.shape, tl.int32)
+    hi = lo + (num_segments - 1)
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi + 1) // 2
+        go = tl.load(starts_ptr + mid) <= e
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def quantize_pack_kernel(x_ptr, r_ptr, residual_out_ptr, threshold_ptr, scale_ptr, finite_ptr, starts_ptr,
+                         offsets_ptr, num_segments, numel, n5, out_ptr, zeros_ptr, HAS_RESIDUAL: tl.constexpr,
+                         FEEDBACK: tl.constexpr, BF16_BITS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """Quantize and pack (packing.py) in one pass over bytes: byte j takes the digits of
+    payload positions k * n5 + j, k = 0..4, so five contiguous streams are read and the
+    digits never go through memory. Each position finds its segment by binary search in
+    the (small, cached) table of segment starts."""
+    block = tl.program_id(0)
+    j = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_body = j < n5
+    acc = tl.zeros((BLOCK,), tl.int32)
+    zeros = 0
+    for k in tl.static_range(5):
+        e = k * n5 + j
+        mask = in_body & (e < numel)
+        segment = _segment_of(e, starts_ptr, num_segments, SEARCH_STEPS)
+        at = tl.load(offsets_ptr + segment) + (e - tl.load(starts_ptr + segment))
+        c = _compensated(x_ptr, r_ptr, at, mask, HAS_RESIDUAL, BF16_BITS)
+        t = tl.load(threshold_ptr + segment)
+        q = tl.where(mask, (c >= t).to(tl.int32) - (c <= -t).to(tl.int32), 0)  # padding: q = 0
+        if FEEDBACK:
+            scale = tl.load(scale_ptr + segment)
+            keep = tl.load(finite_ptr) != 0
+            tl.store(residual_out_ptr + at, c - q.to(tl.float32) * scale, mask=mask & keep)
+        acc = acc * 3 + (q + 1)
+        zeros += tl.sum(tl.where(mask & (q == 0), 1, 0), 0)
+    tl.store(out_ptr + j, acc.to(tl.uint8), mask=in_body)
+    tl.store(zeros_ptr + block, zeros)
 
 
 @triton.jit
