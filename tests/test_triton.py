@@ -29,3 +29,29 @@ def test_triton_codec_through_the_interpreter():
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1], result.stdout[-2000:]
+
+
+def test_backend_switch(monkeypatch):
+    """auto takes triton for CUDA tensors when it imports; THREELC_BACKEND=triton forces it where it can run."""
+    import threelc
+    from threelc import backends
+
+    class Fake:
+        name = "triton"
+
+    monkeypatch.setattr(backends, "_TRITON", [None])
+    monkeypatch.setenv("THREELC_BACKEND", "triton")
+    with pytest.raises(threelc.ConfigurationError, match="triton does not import"):
+        threelc.backend("cuda")
+    monkeypatch.setenv("THREELC_BACKEND", "auto")
+    assert threelc.backend("cuda") == "torch"
+    monkeypatch.setattr(backends, "_TRITON", [Fake()])
+    assert threelc.backend("cuda") == "triton"
+    assert threelc.backend("cpu") == ("native" if backends.NATIVE is not None else "torch")
+    monkeypatch.setenv("THREELC_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert threelc.backend("cpu") != "triton"  # compiled kernels take CUDA tensors only
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert threelc.backend("cpu") == "triton"
+    monkeypatch.setenv("THREELC_BACKEND", "torch")
+    assert threelc.backend("cuda") == "torch"
