@@ -34,7 +34,7 @@ from ..wire import HEADER_SIZE, SEGMENT_ENTRY_SIZE, header_prefix, negative_scal
 from . import kernels as K
 
 _BLOCK = K.BLOCK
-_MAX_BYTES = 2**31 - 1  # the byte kernels index a payload's body with int32
+_MAX_POSITIONS = 2**31 - 1  # the byte kernels index bodies and digit positions k * n5 + j in int32
 
 
 def _blocks(n: int) -> int:
@@ -107,7 +107,7 @@ class TritonCodec(Codec):
             raise ConfigurationError(f"the triton codec takes contiguous tensors; the {what} is not")
         if x.numel() < layout.extent():
             raise ConfigurationError(f"the {what} holds {x.numel()} elements; its layout reaches {layout.extent()}")
-        if packed_length(layout.numel) > _MAX_BYTES:
+        if TRITS_PER_BYTE * packed_length(layout.numel) > _MAX_POSITIONS:
             raise ConfigurationError(f"a layout of {layout.numel} elements is too large for one triton payload")
 
     @staticmethod
@@ -254,8 +254,8 @@ class TritonCodec(Codec):
         bad = torch.zeros(len(views), dtype=torch.bool, device=device)
         padding = [(k, e - k * n5) for e in range(numel, TRITS_PER_BYTE * n5) for k in [e // n5]]
         for index, view in enumerate(views):
-            if view.numel() < body_offset:
-                continue  # too short for this layout: its header cannot match
+            if not body_offset <= view.numel() <= body_offset + n5:
+                continue  # no body of this layout is shorter than 0 or longer than n5: the host rejects it
             scales[index].view(torch.uint8).copy_(view[prefix_size:body_offset])
             flags = view[6:7].to(torch.int32)
             bad[index] = negative_scales(scales[index]).any() | self._expand(view[body_offset:], flags, packed[index])

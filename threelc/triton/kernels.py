@@ -236,8 +236,10 @@ def accumulate_kernel(packed_ptr, scale_ptr, segment_ptr, position_ptr, offset_p
     power = tl.where(part == 0, 81, tl.where(part == 1, 27, tl.where(part == 2, 9, tl.where(part == 3, 3, 1))))
     if AVERAGE:
         acc = tl.zeros((BLOCK,), tl.float32)
+        row = j  # int64: p * n5 in int32 could overflow for many payloads
         for p in range(NUM_PAYLOADS):  # a constant: one compilation per world size
-            byte = tl.load(packed_ptr + p * n5 + j, mask=mask, other=0).to(tl.int32)
+            byte = tl.load(packed_ptr + row, mask=mask, other=0).to(tl.int32)
+            row += n5
             q = (byte // power) % 3 - 1
             acc = acc + q.to(tl.float32) * tl.load(scale_ptr + p * num_segments + segment)
         acc = tl.div_rn(acc, tl.zeros((BLOCK,), tl.float32) + NUM_PAYLOADS)  # N is exact in float32
