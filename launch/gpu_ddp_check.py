@@ -12,8 +12,10 @@ same floats. Exits non-zero on a mismatch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -40,19 +42,25 @@ def check(transport: str, device: torch.device) -> int:
     def recording_hook(state, bucket):
         if state.iter < state.start_iter:  # DDP's first step: plain averaging; it rebuilds its buckets after
             return threelc_hook(state, bucket)
-        buffer = bucket.buffer().detach().clone().cpu()
+        buffer = bucket.buffer().detach().clone()  # on the device: a .cpu() here would add a sync
         segments = [p.numel() for p in bucket.parameters()]
-        return threelc_hook(state, bucket).then(lambda f: seen.append((buffer, segments, f.value().detach().cpu())) or
-                                                f.value())
+        return threelc_hook(state, bucket).then(lambda f: seen.append((buffer, segments, f.value().detach().clone()))
+                                                or f.value())
 
     ddp.register_comm_hook(state, recording_hook)
-    for _ in range(2):
+    syncs = []
+    for step in range(2):
         ddp.zero_grad()
-        ddp(torch.randn(64, 512, device=device)).square().mean().backward()
+        with counting_syncs(device, syncs, enabled=step == 1):
+            ddp(torch.randn(64, 512, device=device)).square().mean().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        # Not asserted: the forward/backward and the step's own synchronize count too.
+        print(f"{transport}: {len(syncs)} synchronising CUDA calls in the compressed step "
+              f"({len(seen)} buckets); the codec and transport document theirs")
     failures = 0
-    for buffer, segments, averaged in seen:
+    for buffer, segments, averaged in ((b.cpu(), s, a.cpu()) for b, s, a in seen):
         layout = Layout(segments)
         encoded = TORCH.encode(buffer, None, layout, SPARSITY)
         expected = TORCH.decode([encoded.payload], layout, torch.empty(layout.numel))
@@ -65,6 +73,32 @@ def check(transport: str, device: torch.device) -> int:
         print(f"{transport}: expected 2 or more buckets, saw {len(seen)}")
         failures += 1
     return failures
+
+
+@contextlib.contextmanager
+def counting_syncs(device: torch.device, into: list, enabled: bool):
+    """Count torch's sync-debug warnings (any thread: the hook runs on threelc's comm thread)."""
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    show = warnings.showwarning
+
+    def record(message, *args, **kwargs):
+        if "synchroniz" in str(message):
+            into.append(str(message))
+        else:
+            show(message, *args, **kwargs)
+
+    warnings.showwarning = record
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = show
 
 
 def main() -> int:
