@@ -2,7 +2,9 @@
 
 Element kernels walk a layout's chunk table: chunk ``c`` is up to ``BLOCK`` elements of
 one segment, ``segment[c]``, at payload position ``position[c]`` and tensor offset
-``offset[c]``. Byte kernels walk a flat byte stream in blocks of ``BLOCK``. Every
+``offset[c]``. Byte kernels walk a flat byte stream in blocks of ``BLOCK``; the encode
+kernel, which quantizes the five values of each byte, finds their segments by binary
+search. Every
 floating-point operation is the one the pure-PyTorch reference performs, in the same
 order, with IEEE rounding (``tl.div_rn``: Triton's ``/`` on float32 is approximate on
 CUDA), so the bits match. Products ``q * scale`` with q in {-1, 0, 1} are exact, so a
