@@ -133,7 +133,10 @@ class AllgatherTransport(Transport):
         start = time.perf_counter()
         encoded = self._encode(self.memory, keys, grad, layout, codec, grad.dtype)
         self._timed("encode", start)
-        # The payload size and the finiteness flag ride in one small all-gather.
+        # The payload size and the finiteness flag ride in one small all-gather. Host syncs
+        # on CUDA (threelc/triton/codec.py): encode read back its size, flag and zero count;
+        # this .cpu() is the one the variable-length all-gather needs (its split sizes);
+        # decode reads the headers and its validity verdicts back in one copy.
         meta = self.comm.allgather(torch.tensor([encoded.payload.numel(), encoded.finite], device=device)).cpu()
         if not bool(meta[:, 1].all()):
             return self._not_finite(grad.numel(), device)
@@ -166,6 +169,8 @@ class AllreduceTransport(Transport):
         proposal = torch.cat([torch.where(finite, absmax, 0.0), (~finite.all()).float().reshape(1)])
         self._timed("encode", start)
         agreed = self.comm.allreduce(proposal, "max")
+        # Host syncs on CUDA: this .item() (every rank must skip a non-finite bucket alike,
+        # before the integer all-reduce is issued) and encode_lanes' zero count.
         if agreed[-1].item() > 0:
             return self._not_finite(grad.numel(), device)
         start = time.perf_counter()
@@ -237,6 +242,8 @@ class ShardedTransport(Transport):
         self._timed("encode", start)
         send_sizes = [p.numel() for p in payloads]
         meta = torch.tensor([[n, finite] for n in send_sizes], device=device).view(-1)
+        # Host syncs on CUDA: each encode's size read-back, this .cpu() (the all-to-all's
+        # receive sizes), the servers' decode, and the status all-gather below.
         meta = self.comm.alltoall(meta, [2] * world, [2] * world).view(world, 2).cpu()
         if not bool(meta[:, 1].all()):  # each rank told every peer its flag: all agree
             return self._not_finite(grad.numel(), device)

@@ -4,8 +4,8 @@
     python launch/bench_codec.py --device cuda   # the same on a GPU
     python launch/bench_codec.py --profile       # where 1M-element encode+decode spends its time
 
-Throughput rows: for each backend (``native``, the fused C++ kernels, and ``torch``,
-the pure-PyTorch reference), each thread count (1 and ``torch.get_num_threads()``),
+Throughput rows: for each backend (on CPU ``native``, the fused C++ kernels; on CUDA
+``triton``; and ``torch``, the pure-PyTorch reference), each thread count (1 and ``torch.get_num_threads()``),
 1M and 26M float32 elements in 10 segments and s = 1.0 and 1.9, the best of
 ``--repeats`` timings of
 
@@ -16,7 +16,13 @@ the pure-PyTorch reference), each thread count (1 and ``torch.get_num_threads()`
 * ``memcpy``: ``dst.copy_(x)`` of the same float32 tensor into a preallocated one,
   and ``clone``: ``x.clone()``,
 
-interleaved, so drift on a shared machine hits every candidate alike. Ratios to
+interleaved, so drift on a shared machine hits every candidate alike. On CUDA each row
+also gives GB/s: the bytes its kernels must move at the least (encode: the maxima pass
+reads x and the residual, the quantize pass reads them again and writes the new
+residual and the payload; decode N: read N payloads, write the float32 output) over its
+time, and that as a fraction of the card's memory bandwidth
+(``--bandwidth``, else a table of data-sheet figures by card name, else clock x bus
+width from the device properties; the row names the figure and where it came from). Ratios to
 memcpy are in the same row. Bits per element are measured on Gaussian data and on
 real gradients: a digits CNN trained with error feedback on.
 """
@@ -36,7 +42,7 @@ if __package__ in (None, ""):
 import torch
 
 import threelc
-from threelc.backends import NATIVE, TORCH, Layout
+from threelc.backends import NATIVE, TORCH, Layout, triton_codec
 from launch import models
 
 SIZES = (1_000_000, 26_000_000)
@@ -44,6 +50,33 @@ THROUGHPUT_SPARSITIES = (1.0, 1.9)
 DECODE_COUNTS = (1, 2, 4)
 SEGMENTS = 10
 BITS_SPARSITIES = (1.0, 1.5, 1.9)
+
+
+# Data-sheet peak memory bandwidth, GB/s, by a substring of torch.cuda.get_device_name().
+CARD_BANDWIDTH_GBS = {"H200": 4800, "H100 SXM": 3350, "H100 NVL": 3900, "H100 PCIe": 2000, "H100": 3350,
+                      "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100": 1555, "L40S": 864, "A10": 600}
+
+
+def card_bandwidth(device: torch.device, given: float | None) -> tuple[float, str]:
+    """(GB/s, where the figure comes from) for the card the benchmark runs on."""
+    if given:
+        return given, "--bandwidth"
+    name = torch.cuda.get_device_name(device)
+    for key, figure in CARD_BANDWIDTH_GBS.items():
+        if key in name:
+            return float(figure), f"data sheet ({name})"
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:  # double data rate: two transfers per clock
+        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9, f"memory clock x bus width ({name})"
+    raise SystemExit(f"no bandwidth figure for {name}: pass --bandwidth GB/s")
+
+
+def bytes_moved(numel: int, payload_bytes: list[int], decode_count: int | None = None) -> int:
+    """The least traffic of one operation on float32 data (see the module docstring)."""
+    if decode_count is None:
+        return 5 * 4 * numel + payload_bytes[0]
+    return sum(payload_bytes[:decode_count]) + 4 * numel
 
 
 def _timer(device: torch.device):
@@ -94,6 +127,11 @@ def throughput_row(codec, device, numel, sparsity, threads, repeats) -> dict:
     best = {name: min(t) for name, t in times.items()}
     row = {"backend": codec.name, "threads": threads, "numel": numel, "sparsity": sparsity,
            "bits_per_element": 8 * payloads[0].numel() / numel}
+    sizes = [p.numel() for p in payloads]
+    for name, count in (("encode", None), *((f"decode{n}", n) for n in DECODE_COUNTS)):
+        row[f"{name}_gbs"] = bytes_moved(numel, sizes, count) / best[name] / 1e9
+    row["encode_decode2_gbs"] = ((bytes_moved(numel, sizes) + bytes_moved(numel, sizes, 2))
+                                 / (best["encode"] + best["decode2"]) / 1e9)
     for name, t in best.items():
         row[f"{name}_ms"] = 1e3 * t
         row[f"{name}_ns_per_element"] = 1e9 * t / numel
@@ -104,15 +142,16 @@ def throughput_row(codec, device, numel, sparsity, threads, repeats) -> dict:
 
 
 def throughput(device: torch.device, repeats: int) -> list[dict]:
-    codecs = [c for c in (NATIVE, TORCH) if c is not None and (device.type == "cpu" or c is TORCH)]
-    thread_counts = sorted({1, torch.get_num_threads()})
+    fused = NATIVE if device.type == "cpu" else triton_codec() if device.type == "cuda" else None
+    codecs = [c for c in (fused, TORCH) if c is not None]
+    thread_counts = sorted({1, torch.get_num_threads()}) if device.type == "cpu" else [torch.get_num_threads()]
     rows = []
     for numel in SIZES:
         for sparsity in THROUGHPUT_SPARSITIES:
             for threads in thread_counts:
                 for codec in codecs:
                     # The reference is an order of magnitude slower: fewer repeats keep the run short.
-                    n = repeats if codec is not TORCH or NATIVE is None else max(2, repeats // 3)
+                    n = repeats if codec is not TORCH or fused is None else max(2, repeats // 3)
                     rows.append(throughput_row(codec, device, numel, sparsity, threads, n))
     by_key = {(r["numel"], r["sparsity"], r["threads"], r["backend"]): r for r in rows}
     for r in rows:
@@ -192,6 +231,8 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--steps", type=int, default=300, help="training steps for the gradient bits")
     parser.add_argument("--out", default="results/codec.json")
     parser.add_argument("--profile", action="store_true", help="only print the encode+decode profile")
+    parser.add_argument("--bandwidth", type=float, help="the card's memory bandwidth in GB/s (CUDA)")
+    parser.add_argument("--no-bits", action="store_true", help="skip the bits-per-element rows (and their training)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.profile:
@@ -202,8 +243,12 @@ def main(argv=None) -> dict | None:
         "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "backend": threelc.backend(device),
         "throughput": throughput(device, args.repeats),
-        "bits": gaussian_bits(device) + gradient_bits(device, args.steps),
+        "bits": [] if args.no_bits else gaussian_bits(device) + gradient_bits(device, args.steps),
     }
+    if device.type == "cuda":
+        result["bandwidth_gbs"], result["bandwidth_source"] = card_bandwidth(device, args.bandwidth)
+        for r in result["throughput"]:
+            r["encode_decode2_of_bandwidth"] = r["encode_decode2_gbs"] / result["bandwidth_gbs"]
     print("| backend | threads | elements | s | encode ms (x memcpy) | decode 1 / 2 / 4 ms | decode 2 x memcpy "
           "| memcpy ms | enc+dec2 speedup vs torch |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -213,6 +258,14 @@ def main(argv=None) -> dict | None:
               f"{r['encode_ms']:.1f} ({r['encode_vs_memcpy']:.2f}x) | "
               f"{r['decode1_ms']:.1f} / {r['decode2_ms']:.1f} / {r['decode4_ms']:.1f} | {r['decode2_vs_memcpy']:.2f}x | "
               f"{r['memcpy_ms']:.2f} | {f'{speedup:.1f}x' if speedup else '-'} |")
+    if device.type == "cuda":
+        print(f"\nGB/s of the least bytes each operation moves, against {result['bandwidth_gbs']:.0f} GB/s "
+              f"({result['bandwidth_source']}):\n")
+        print("| backend | elements | s | encode GB/s | decode 2 GB/s | encode + decode 2 GB/s | of bandwidth |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for r in result["throughput"]:
+            print(f"| {r['backend']} | {r['numel']:,} | {r['sparsity']} | {r['encode_gbs']:.0f} | {r['decode2_gbs']:.0f} "
+                  f"| {r['encode_decode2_gbs']:.0f} | {100 * r['encode_decode2_of_bandwidth']:.0f}% |")
     print()
     print("| data | sparsity | bits/element | vs fp32 |")
     print("|---|---:|---:|---:|")

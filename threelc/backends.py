@@ -14,8 +14,12 @@ runs the fused C++ kernels of ``threelc/native`` (built by ``pip install``) on C
 tensors, releasing the GIL, with ``torch.get_num_threads()`` threads. Both give the
 same bytes and the same float bits for every input; the tests hold them to that.
 
-``THREELC_BACKEND`` picks one: ``auto`` (default: native on CPU when it is built),
-``native`` or ``torch``. ``threelc.backend()`` names the one in use.
+``TritonCodec`` (threelc/triton) runs Triton kernels on CUDA tensors, and on CPU tensors
+through Triton's interpreter under ``TRITON_INTERPRET=1``.
+
+``THREELC_BACKEND`` picks one: ``auto`` (default: triton on CUDA when triton imports,
+native on CPU when it is built), ``native``, ``triton`` (for any tensor triton can
+take) or ``torch``. ``threelc.backend()`` names the one in use.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ except ImportError:  # not built: no compiler at install time, or a source check
     _native = None
 
 BACKEND_VARIABLE = "THREELC_BACKEND"
-BACKENDS = ("auto", "native", "torch")
+BACKENDS = ("auto", "native", "triton", "torch")
 
 
 class Layout:
@@ -330,6 +334,20 @@ class NativeCodec(Codec):
 
 TORCH = TorchCodec()
 NATIVE = NativeCodec() if _native is not None else None
+_TRITON: list = []  # [TritonCodec or None] once looked for: importing triton takes a second
+
+
+def triton_codec() -> Codec | None:
+    """The Triton codec, or None when triton does not import."""
+    if not _TRITON:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _TRITON.append(None)
+        else:
+            from .triton import TritonCodec
+            _TRITON.append(TritonCodec())
+    return _TRITON[0]
 
 
 def _requested() -> str:
@@ -339,17 +357,25 @@ def _requested() -> str:
     if name == "native" and NATIVE is None:
         raise ConfigurationError(f"{BACKEND_VARIABLE}=native, but threelc's native codec is not built "
                                  "(reinstall with a C++ compiler: pip install -e .)")
+    if name == "triton" and triton_codec() is None:
+        raise ConfigurationError(f"{BACKEND_VARIABLE}=triton, but triton does not import (pip install triton)")
     return name
 
 
 def codec_for(device: torch.device | str) -> Codec:
     """The codec for tensors on ``device``, as ``THREELC_BACKEND`` asks."""
-    name = _requested()
-    if name == "torch" or NATIVE is None or torch.device(device).type != "cpu":
+    name, kind = _requested(), torch.device(device).type
+    if name == "torch":
+        return TORCH
+    if kind == "cuda" and name in ("auto", "triton") and triton_codec() is not None:
+        return triton_codec()
+    if kind == "cpu" and name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        return triton_codec()
+    if kind != "cpu" or NATIVE is None:
         return TORCH
     return NATIVE
 
 
 def backend(device: torch.device | str = "cpu") -> str:
-    """Name of the codec backend used for tensors on ``device``: ``"native"`` or ``"torch"``."""
+    """Name of the codec backend used for tensors on ``device``: ``"native"``, ``"triton"`` or ``"torch"``."""
     return codec_for(device).name

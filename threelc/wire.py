@@ -22,7 +22,7 @@ from __future__ import annotations
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -62,6 +62,12 @@ def payload_size(num_segments: int, body_length: int) -> int:
     return HEADER_SIZE + SEGMENT_ENTRY_SIZE * num_segments + body_length
 
 
+def header_prefix(lengths: Sequence[int], dtype: torch.dtype, zre: bool, body_length: int) -> bytes:
+    """The header and the segment lengths: every byte of a payload before its scales."""
+    return HEADER.pack(MAGIC, VERSION, DTYPE_CODES[dtype], FLAG_ZRE if zre else 0, 0, sum(lengths), body_length,
+                       len(lengths), 0) + np.asarray(lengths, dtype="<u8").tobytes()
+
+
 def encode_quantized(
     q: torch.Tensor,
     scale: torch.Tensor,
@@ -77,9 +83,7 @@ def encode_quantized(
     body = pack_ternary(q.reshape(-1))
     if zre:
         body = zre_encode(body)
-    prefix = HEADER.pack(MAGIC, VERSION, DTYPE_CODES[dtype], FLAG_ZRE if zre else 0, 0,
-                         q.numel(), body.numel(), len(lengths), 0)
-    prefix += np.asarray(lengths, dtype="<u8").tobytes()
+    prefix = header_prefix(lengths, dtype, zre, body.numel())
     prefix_tensor = torch.frombuffer(bytearray(prefix), dtype=torch.uint8).to(q.device)
     # A fresh buffer: a strided view (even of one element) cannot be reinterpreted as bytes.
     scale_bytes = torch.empty(len(lengths), dtype=torch.float32, device=q.device).copy_(scales).view(torch.uint8)
@@ -117,11 +121,20 @@ def _as_payload(payload) -> torch.Tensor:
 def read_header(payload) -> Header:
     """Parse and check everything but the body. Allocates nothing beyond the header."""
     payload = _as_payload(payload)
-    size = payload.numel()
+    return parse_header(payload[:HEADER_SIZE].cpu().numpy().tobytes(), payload.numel(),
+                        lambda count: payload[HEADER_SIZE : HEADER_SIZE + 8 * count].cpu().numpy().tobytes())
+
+
+def parse_header(head: bytes, size: int, table: Callable[[int], bytes]) -> Header:
+    """The checks of ``read_header`` on the first bytes of a payload of ``size`` bytes.
+
+    ``table(S)`` returns the 8*S bytes of segment lengths after the header; it is only
+    called once the header has been found consistent with ``size``.
+    """
     if size < HEADER_SIZE:
         raise DecodeError(f"payload of {size} bytes is truncated: the header alone is {HEADER_SIZE}")
     magic, version, dtype_code, flags, reserved, numel, body_length, num_segments, reserved2 = \
-        HEADER.unpack(payload[:HEADER_SIZE].cpu().numpy().tobytes())
+        HEADER.unpack(head[:HEADER_SIZE])
     if magic != MAGIC:
         raise DecodeError(f"not a 3LC payload: magic {magic!r}, expected {MAGIC!r}")
     if version != VERSION:
@@ -141,8 +154,7 @@ def read_header(payload) -> Header:
     fits = body_length <= packed <= MAX_EXPANSION * body_length if zre else body_length == packed
     if not fits:
         raise DecodeError(f"a body of {body_length} bytes cannot hold {numel} values")
-    table = payload[HEADER_SIZE : HEADER_SIZE + 8 * num_segments].cpu().numpy().view("<u8")
-    segments = [int(n) for n in table]
+    segments = [int(n) for n in np.frombuffer(table(num_segments), dtype="<u8")]
     if sum(segments) != numel:
         raise DecodeError(f"segment lengths sum to {sum(segments)}, the header says numel={numel}")
     return Header(CODE_DTYPES[dtype_code], numel, zre, segments,
