@@ -25,7 +25,7 @@ import os
 import torch
 import triton
 
-from ..backends import Codec, Encoded
+from ..interface import Codec, Encoded, payload_error
 from ..errors import ConfigurationError, DecodeError
 from ..lanes import lane_bits, lanes_per_word, word_count
 from ..packing import TRITS_PER_BYTE, packed_length
@@ -85,12 +85,6 @@ def _segment_table(layout, device: torch.device) -> tuple[torch.Tensor, torch.Te
 def _elements(x: torch.Tensor) -> torch.Tensor:
     """What the element kernels load: bfloat16 as its int16 bits (kernels._compensated)."""
     return x.view(torch.int16) if x.dtype == torch.bfloat16 else x
-
-
-def _payload_error(index: int, error: DecodeError | str) -> DecodeError:
-    failure = DecodeError(str(error))
-    failure.payload_index = index
-    return failure
 
 
 class TritonCodec(Codec):
@@ -244,7 +238,7 @@ class TritonCodec(Codec):
         views = []
         for index, payload in enumerate(payloads):
             if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8:
-                raise _payload_error(index, f"a payload is a uint8 tensor; got {type(payload).__name__}")
+                raise payload_error(index, f"a payload is a uint8 tensor; got {type(payload).__name__}")
             views.append(payload.reshape(-1).to(device).contiguous())
 
         # Device checks run on every payload as if its header matched the layout (the host
@@ -272,12 +266,12 @@ class TritonCodec(Codec):
                 header = parse_header(data, view.numel(), lambda s, data=data: data[HEADER_SIZE:HEADER_SIZE + 8 * s]
                                       if s == count else b"")
             except DecodeError as error:
-                raise _payload_error(index, error) from error
+                raise payload_error(index, error) from error
             if header.segments != list(layout.lengths):
-                raise _payload_error(index, f"describes {header.numel} elements in {len(header.segments)} "
+                raise payload_error(index, f"describes {header.numel} elements in {len(header.segments)} "
                                             f"segments; expected {numel} in {count}")
             if verdicts[index]:
-                raise _payload_error(index, "payload holds a negative scale, a byte above 242, a zero-run body "
+                raise payload_error(index, "payload holds a negative scale, a byte above 242, a zero-run body "
                                             "that does not expand to its values, or padding that is not q = 0")
         table = _chunk_table(layout, device)
         if table[0].numel():

@@ -1,0 +1,115 @@
+"""The codec interface every backend implements: the layout it works on, what encode returns, the five operations.
+
+threelc/backends.py documents the operations and holds the PyTorch and native
+implementations; threelc/triton holds the Triton one. Both import this module, never
+each other at import time.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+from .errors import ConfigurationError, DecodeError
+
+
+class Layout:
+    """Segments in payload order: ``lengths[s]`` elements at element ``offsets[s]`` of the tensor.
+
+    The offsets index the tensor that is read (encode) or written (decode); by default
+    the segments lie end to end from 0. Layouts are immutable and hashable, so callers
+    keep one per bucket.
+    """
+
+    __slots__ = ("lengths", "offsets", "numel", "contiguous", "_table")
+
+    def __init__(self, lengths: Sequence[int], offsets: Sequence[int] | None = None):
+        self.lengths = tuple(int(n) for n in lengths)
+        if not self.lengths or any(n < 0 for n in self.lengths):
+            raise ConfigurationError(f"a layout needs at least one non-negative length; got {list(self.lengths)}")
+        if offsets is None:
+            starts, total = [], 0
+            for n in self.lengths:
+                starts.append(total)
+                total += n
+            offsets = starts
+        self.offsets = tuple(int(o) for o in offsets)
+        if len(self.offsets) != len(self.lengths):
+            raise ConfigurationError(f"{len(self.offsets)} offsets for {len(self.lengths)} segments")
+        self.numel = sum(self.lengths)
+        ends = [o + n for o, n in zip(self.offsets, self.lengths)]
+        self.contiguous = self.offsets[0] == 0 and all(e == o for e, o in zip(ends, self.offsets[1:]))
+        self._table = None
+
+    def table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 CPU tensors of lengths and offsets (for the native kernels), built once."""
+        if self._table is None:
+            self._table = (torch.tensor(self.lengths, dtype=torch.int64), torch.tensor(self.offsets, dtype=torch.int64))
+        return self._table
+
+    def extent(self) -> int:
+        """Elements a tensor needs to hold every segment."""
+        return max((o + n for o, n in zip(self.offsets, self.lengths)), default=0)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Layout) and (self.lengths, self.offsets) == (other.lengths, other.offsets)
+
+    def __hash__(self) -> int:
+        return hash((self.lengths, self.offsets))
+
+    def __repr__(self) -> str:
+        return f"Layout(lengths={list(self.lengths)}, offsets={list(self.offsets)})"
+
+
+class Encoded(NamedTuple):
+    """One rank's encoded tensor."""
+
+    payload: torch.Tensor  # uint8 wire payload; empty when not finite
+    scales: torch.Tensor  # float32, one per segment (non-finite where the input was)
+    residual: torch.Tensor | None  # the new residual (same offsets as the input); None: feedback off or not finite
+    finite: bool
+    zeros: int  # ternary zeros among the values
+    room: torch.Tensor | None = None  # a buffer that begins with the payload and may be longer
+
+
+class Codec:
+    """The interface (see the module docstring). Arguments are flat tensors on one device."""
+
+    name = ""
+
+    def encode(self, x: torch.Tensor, residual: torch.Tensor | None, layout: Layout, sparsity: float, *,
+               dtype: torch.dtype | None = None, feedback: bool = True, residual_out: torch.Tensor | None = None,
+               zre: bool = True) -> Encoded:
+        """``dtype`` goes into the header (default ``x.dtype``). With ``feedback`` the new residual
+        is written into ``residual_out`` (default: a new float32 tensor shaped like ``x``)."""
+        raise NotImplementedError
+
+    def decode(self, payloads: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, *,
+               average: bool = True) -> torch.Tensor:
+        """``out[segments] = (0 + d_0 + ... + d_{N-1}) / N`` (``average``) or ``d_0`` (one payload).
+
+        ``out`` is float32; raises ``DecodeError`` with ``payload_index`` set when a
+        payload is invalid or does not describe ``layout``'s lengths.
+        """
+        raise NotImplementedError
+
+    def absmax(self, x: torch.Tensor, residual: torch.Tensor | None, layout: Layout) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_lanes(self, x: torch.Tensor, residual: torch.Tensor | None, layout: Layout, scales: torch.Tensor,
+                     world_size: int, *, feedback: bool = True, residual_out: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """``(words, new residual or None, zeros)`` for scales every rank agreed on."""
+        raise NotImplementedError
+
+    def decode_lanes(self, words: torch.Tensor, layout: Layout, scales: torch.Tensor, world_size: int,
+                     out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def payload_error(index: int, error: DecodeError | str) -> DecodeError:
+    """A DecodeError that names which of the N payloads failed (``payload_index``)."""
+    failure = DecodeError(str(error))
+    failure.payload_index = index
+    return failure
