@@ -144,23 +144,8 @@ class NativeCodec(Codec):
         if x.numel() < layout.extent():
             raise ConfigurationError(f"the {what} holds {x.numel()} elements; its layout reaches {layout.extent()}")
 
-    @staticmethod
-    def _residual(residual: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-        if residual is not None and (residual.dtype != torch.float32 or residual.numel() != x.numel()
-                                     or not residual.is_contiguous() or residual.device != x.device):
-            raise ConfigurationError("a residual must be a contiguous float32 tensor shaped like its input")
-        return residual
-
     def encode(self, x, residual, layout, sparsity, *, dtype=None, feedback=True, residual_out=None, zre=True):
-        _check_input(x)
-        x = x.reshape(-1)
-        self._check(x, layout)
-        residual = self._residual(residual, x)
-        if feedback:
-            residual_out = self._residual(residual_out, x) if residual_out is not None else torch.empty_like(
-                x, dtype=torch.float32)
-        else:
-            residual_out = None
+        x, residual, residual_out = self._prepare(x, residual, layout, feedback, residual_out)
         lengths, offsets = layout.table()
         count = len(layout.lengths)
         buffer = torch.empty(_native.payload_capacity(count, layout.numel), dtype=torch.uint8)
@@ -205,15 +190,8 @@ class NativeCodec(Codec):
         return out
 
     def encode_lanes(self, x, residual, layout, scales, world_size, *, feedback=True, residual_out=None):
-        _check_input(x)
-        x = x.reshape(-1)
-        self._check(x, layout)
-        residual = self._residual(residual, x)
+        x, residual, new = self._prepare(x, residual, layout, feedback, residual_out)
         scales = scales.to(torch.float32).contiguous()
-        new = None
-        if feedback:
-            new = self._residual(residual_out, x) if residual_out is not None else torch.empty_like(
-                x, dtype=torch.float32)
         words = torch.empty(word_count(layout.numel, world_size), dtype=torch.int64)
         lengths, offsets = layout.table()
         zeros = _native.encode_lanes(x.data_ptr(), DTYPE_CODES[x.dtype], _pointer(residual), _pointer(new),

@@ -12,6 +12,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from .errors import ConfigurationError, DecodeError
+from .quantize import _check_input
 
 
 class Layout:
@@ -84,6 +85,30 @@ class Codec:
         """``dtype`` goes into the header (default ``x.dtype``). With ``feedback`` the new residual
         is written into ``residual_out`` (default: a new float32 tensor shaped like ``x``)."""
         raise NotImplementedError
+
+    @staticmethod
+    def _check(x: torch.Tensor, layout: Layout, what: str = "input") -> None:
+        """Raise ConfigurationError unless this backend can read or write ``x`` with ``layout``."""
+
+    @staticmethod
+    def _residual(residual: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        if residual is not None and (residual.dtype != torch.float32 or residual.numel() != x.numel()
+                                     or not residual.is_contiguous() or residual.device != x.device):
+            raise ConfigurationError("a residual must be a contiguous float32 tensor shaped like its input")
+        return residual
+
+    def _prepare(self, x, residual, layout, feedback, residual_out):
+        """The flat input, the checked residual and the buffer of the new one (None without feedback)."""
+        _check_input(x)
+        x = x.reshape(-1)
+        self._check(x, layout)
+        residual = self._residual(residual, x)
+        if feedback:
+            residual_out = self._residual(residual_out, x) if residual_out is not None else torch.empty_like(
+                x, dtype=torch.float32)
+        else:
+            residual_out = None
+        return x, residual, residual_out
 
     def decode(self, payloads: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, *,
                average: bool = True) -> torch.Tensor:

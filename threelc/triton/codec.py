@@ -104,25 +104,6 @@ class TritonCodec(Codec):
         if TRITS_PER_BYTE * packed_length(layout.numel) > _MAX_POSITIONS:
             raise ConfigurationError(f"a layout of {layout.numel} elements is too large for one triton payload")
 
-    @staticmethod
-    def _residual(residual: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-        if residual is not None and (residual.dtype != torch.float32 or residual.numel() != x.numel()
-                                     or not residual.is_contiguous() or residual.device != x.device):
-            raise ConfigurationError("a residual must be a contiguous float32 tensor shaped like its input")
-        return residual
-
-    def _prepare(self, x, residual, layout, feedback, residual_out):
-        _check_input(x)
-        x = x.reshape(-1)
-        self._check(x, layout)
-        residual = self._residual(residual, x)
-        if feedback:
-            residual_out = self._residual(residual_out, x) if residual_out is not None else torch.empty_like(
-                x, dtype=torch.float32)
-        else:
-            residual_out = None
-        return x, residual, residual_out
-
     def _absmax(self, x, residual, layout, table) -> torch.Tensor:
         chunks = table[0].numel()
         maxima = torch.zeros(len(layout.lengths), dtype=torch.int32, device=x.device)
