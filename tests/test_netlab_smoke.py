@@ -67,3 +67,17 @@ def test_threelc_below_none(baseline):
     _check_shape(tlc)
     assert tlc["wire"]["tx_bytes_per_step_steady"] < 0.25 * baseline["wire"]["tx_bytes_per_step_steady"]
     assert tlc["wire"]["total_tx_bytes"] < baseline["wire"]["total_tx_bytes"]
+
+
+def test_two_processes_per_node_hierarchical_keeps_bytes_off_the_links():
+    """2 nodes x 2 processes: the hierarchical transport sends under half the flat allgather's bytes
+    across the shaped links (flat, gloo's ring carries 3 of 4 payloads over each of the 2
+    node-crossing hops; hierarchical, each node-crossing group carries one half-size payload)."""
+    runs = {}
+    for transport in ("allgather", "hierarchical"):
+        res = run_lab(TRAIN + ["--hook", "threelc", "--sparsity", "1.75", "--transport", transport],
+                      nodes=2, rate="1gbit", timeout=240, procs_per_node=2)
+        assert res["train"]["world_size"] == 4 and res["lab"]["procs_per_node"] == 2
+        assert not any(n.startswith(res["lab"]["prefix"]) for n in _existing_namespaces())
+        runs[transport] = res["wire"]["tx_bytes_per_step_steady"]
+    assert runs["hierarchical"] < 0.5 * runs["allgather"], runs
