@@ -1,4 +1,4 @@
-"""The three ways to run 3LC over collectives (docs/algorithm.md, section 4).
+"""The three flat ways to run 3LC over collectives (docs/algorithm.md, section 4; hooks/hierarchical.py builds on them).
 
 A transport turns one rank's flat gradient into the average over all ranks, the same
 bits on every rank. It owns its residual memories (the codec's ``ErrorFeedback``) and
