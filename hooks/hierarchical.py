@@ -115,9 +115,9 @@ class HierarchicalTransport(Transport):
                 starts.append([position + sum(row[:j]) for j in range(size)])
                 position += sum(row)
             shards = [Layout([row[j] for row in pieces], [s[j] for s in starts]) for j in range(size)]
-            # One gather index puts shard 0, shard 1, ... end to end for the all-to-all.
-            order = torch.cat([torch.arange(o, o + n) for shard in shards
-                               for o, n in zip(shard.offsets, shard.lengths)] or [torch.zeros(0, dtype=torch.int64)])
+            # (bucket offset, length) of every non-empty piece, shard 0's first: the order
+            # in which the pieces travel end to end.
+            order = [(o, n) for shard in shards for o, n in zip(shard.offsets, shard.lengths) if n]
             plan = self._plans[key] = (shards, order)
         return plan
 
@@ -126,7 +126,9 @@ class HierarchicalTransport(Transport):
         shards, order = self._plan(segments)
         sizes = [s.numel for s in shards]
         start = time.perf_counter()
-        outgoing = grad.reshape(-1).float()[order.to(device)]
+        flat = grad.reshape(-1)
+        # Slices, not an index gather: contiguous copies run at memory speed.
+        outgoing = torch.cat([flat[o:o + n] for o, n in order]).float() if order else flat.float()
         self._timed("encode", start)
         received = self.local.alltoall(outgoing, sizes, [sizes[me]] * size).view(size, sizes[me])
         start = time.perf_counter()
@@ -166,7 +168,11 @@ class HierarchicalTransport(Transport):
             rows = gathered.wait()
             start = time.perf_counter()
             average = self._output(out, grad.numel(), device)
-            average[order.to(device)] = torch.cat([rows[j, : sizes[j]] for j in range(size)])
+            arrived = torch.cat([rows[j, : sizes[j]] for j in range(size)])
+            position = 0
+            for o, n in order:
+                average[o:o + n].copy_(arrived[position:position + n])
+                position += n
             self._timed("decode", start)
             return average
 
