@@ -122,6 +122,16 @@ def table(a, c: dict) -> str:
             lines.append(f"| {N} | {gbit:g} Gbit/s | {t['ddp'] * 1e3:.1f} | {t['allgather'] * 1e3:.1f} "
                          f"| {t['sharded'] * 1e3:.1f} | {t['hierarchical'] * 1e3:.1f} | {best} |")
     lines.append("")
+    for gbit in a.gbits:  # how slow the node's own links may be before hierarchical stops paying
+        B, N = gbit * 1e9 / 8, 64
+        best_flat = min(flat(t, n, N, L, c, B, a.alpha_us * 1e-6) for t in ("allgather", "sharded"))
+        low, high = 1e6, 1e12
+        for _ in range(60):
+            mid = (low * high) ** 0.5
+            slower = hierarchical(n, N, L, c, B, a.alpha_us * 1e-6, a.alpha_intra_us * 1e-6, mid) > best_flat
+            low, high = (mid, high) if slower else (low, mid)
+        lines.append(f"At {gbit:g} Gbit/s and {N} ranks hierarchical beats the best flat transport while the "
+                     f"intra-node links move more than {high / 1e9:.2f} GB/s per rank.")
     for gbit in a.gbits:
         found = crossings.get(f"{gbit:g} Gbit/s") or ["none, each pair keeps its order throughout"]
         lines.append(f"Crossovers at {gbit:g} Gbit/s (8 to 1,024 ranks): {'; '.join(found)}.")
