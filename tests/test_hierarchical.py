@@ -216,3 +216,38 @@ def test_auto_rule_picks_hierarchical_for_several_nodes_of_several_ranks():
     assert choose_transport("auto", 8, 8) == "sharded"  # one node
     assert choose_transport("auto", 8, 1) == "sharded"  # one rank per node
     assert choose_transport("auto", 2) == "allgather"
+
+
+def test_undecodable_payload_between_nodes_fails_every_rank_alike():
+    """Rank 1 sends garbage to its inter-node group at step 1: the group's members cannot
+    decode it, the status exchange tells their node peers, and all four ranks raise the
+    same DecodeError instead of some waiting on the others."""
+    world, outcomes = ThreadWorld(4), [None] * 4
+    import threading
+
+    def body(rank):
+        from threaded import ThreadCollectives
+        transport = HierarchicalTransport(ThreadCollectives(world, rank), 1.5, True, 2)
+        if rank == 1:
+            honest, calls = transport.across.allgather_bytes_async, []
+
+            def hostile(payload, sizes, room=None):
+                calls.append(1)
+                if len(calls) == 2:  # step 1's payload
+                    payload = torch.full_like(payload, 0xA5)
+                return honest(payload, sizes, None)
+            transport.across.allgather_bytes_async = hostile
+        try:
+            outcomes[rank] = [transport.reduce(list(range(len(SEGMENTS))), _gradient(rank, step), SEGMENTS)
+                              for step in range(3)]
+        except BaseException as error:  # noqa: BLE001 - what each rank ends with is the point
+            outcomes[rank] = error
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a rank hung"
+    assert all(isinstance(o, threelc.DecodeError) for o in outcomes), outcomes
+    assert all("inter-node group(s) of local rank(s) [1] could not decode" in str(o) for o in outcomes), outcomes
