@@ -75,7 +75,7 @@ def agree_node_layout(comm: Collectives, claim: tuple[int, int], required: bool)
     per_node = next(iter(counts.values()))
     blocks = [nodes[i:i + per_node] for i in range(0, len(nodes), per_node)]
     consistent = (len(sizes) == 1 and UNKNOWN not in nodes and len(set(counts.values())) == 1
-                  and sizes != {UNKNOWN} and per_node == next(iter(sizes))
+                  and (sizes == {UNKNOWN} or per_node == next(iter(sizes)))  # GROUP_RANK alone suffices
                   and all(len(set(b)) == 1 for b in blocks) and len({b[0] for b in blocks}) == len(blocks))
     if not consistent:
         raise ConfigurationError("threelc: every node must run the same number of ranks, numbered consecutively "

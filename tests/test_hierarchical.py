@@ -201,6 +201,7 @@ def test_layout_agreement():
         return outcomes
 
     assert agree([(2, 0), (2, 0), (2, 1), (2, 1)]) == [2] * 4
+    assert agree([(-1, 0), (-1, 0), (-1, 1), (-1, 1)]) == [2] * 4  # node ids alone: sizes counted
     assert agree([(-1, -1)] * 2) == [None] * 2
     assert all("needs the node layout" in o for o in agree([(-1, -1)] * 2, required=True))
     for claims in ([(2, 0), (2, 1), (2, 0), (2, 1)],  # a node's ranks not consecutive
