@@ -48,9 +48,30 @@ class Collectives:
         self.bytes_sent = 0
         self.bytes_received = 0
 
+        # Collectives of a subgroup count into the group they were made from too, so a
+        # hook's traffic figures cover every group its transport uses.
+        self.parent: Collectives | None = None
+
     def _count(self, sent: torch.Tensor, received: torch.Tensor | int) -> None:
-        self.bytes_sent += sent.numel() * sent.element_size()
-        self.bytes_received += received if isinstance(received, int) else received.numel() * received.element_size()
+        sent_bytes = sent.numel() * sent.element_size()
+        received_bytes = received if isinstance(received, int) else received.numel() * received.element_size()
+        collectives = self
+        while collectives is not None:
+            collectives.bytes_sent += sent_bytes
+            collectives.bytes_received += received_bytes
+            collectives = collectives.parent
+
+    def subgroup(self, ranks: list[int]) -> "Collectives":
+        """Collectives over ``ranks`` (ranks of this group, this rank among them; rank order kept).
+
+        Every member calls it for the same ``ranks``, and each rank makes its calls in
+        one order that agrees with its peers' (create groups in a fixed order everywhere).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no subgroups")
+
+    def _adopt(self, child: "Collectives") -> "Collectives":
+        child.parent = self
+        return child
 
     def allreduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:  # op: "sum" | "max"
         raise NotImplementedError
@@ -100,11 +121,18 @@ _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 class TorchCollectives(Collectives):
     """torch.distributed, on ``group`` (None: the default process group)."""
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None, timeout=None) -> None:
         super().__init__()
-        self.group = group
+        self.group, self.timeout = group, timeout
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+
+    def subgroup(self, ranks: list[int]) -> "TorchCollectives":
+        members = dist.get_process_group_ranks(self.group or dist.group.WORLD)
+        # Only members synchronise on a group's creation, so ranks need not create the
+        # groups they are not in.
+        group = dist.new_group([members[r] for r in ranks], timeout=self.timeout, use_local_synchronization=True)
+        return self._adopt(TorchCollectives(group, self.timeout))
 
     def allreduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         return self.allreduce_async(tensor, op).wait()

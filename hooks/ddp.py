@@ -17,6 +17,7 @@ from threelc import CommunicationError, ConfigurationError, ThreeLCError, check_
 from threelc.lanes import lanes_per_word
 
 from .collectives import Collectives, TorchCollectives
+from .hierarchical import HierarchicalTransport, agree_node_layout, node_claim
 from .pipeline import CommPipeline, Deferred
 from .transports import TRANSPORTS, choose_transport
 
@@ -24,7 +25,7 @@ STATE_VERSION = 3  # 3: sparsity warm-up in the settings; 2: residuals per param
 # Compressed steps over which the sparsity multiplier ramps from 1 to its target when
 # the user does not say: see ThreeLCState's docstring for why a ramp is needed at all.
 DEFAULT_SPARSITY_WARMUP = 100
-TRANSPORT_CHOICES = (*TRANSPORTS, "auto")
+TRANSPORT_CHOICES = (*TRANSPORTS, "auto", HierarchicalTransport.name)
 _STAT_KEYS = ("bytes_sent", "bytes_received", "uncompressed_bytes", "numel", "zeros", "encode_seconds", "decode_seconds")
 
 
@@ -49,7 +50,10 @@ class ThreeLCState:
         transport: ``"allreduce"`` (agree on scales, integer all-reduce of
             lane-packed ternaries), ``"allgather"`` (every rank gathers every rank's
             payload), ``"sharded"`` (each rank serves 1/N of every tensor, two-way
-            compression), or ``"auto"`` (allgather for 2 ranks, sharded for more).
+            compression), ``"hierarchical"`` (exact averaging inside each node, 3LC
+            between nodes: one inter-node group per local rank, each on 1/L of the
+            bucket), or ``"auto"`` (hierarchical for several nodes of several ranks,
+            else allgather for 2 ranks, sharded for more).
         start_iter: plain averaging all-reduce for the first ``start_iter``
             iterations; DDP rebuilds its buckets after the first one, and residuals
             are kept per parameter.
@@ -66,6 +70,10 @@ class ThreeLCState:
             ``init_process_group`` (default: torch's default for the backend). When a
             peer dies or hangs, the others raise ``threelc.CommunicationError``
             naming the step and bucket once it expires.
+        ranks_per_node: the node layout for ``"hierarchical"`` and ``"auto"``: group
+            rank r runs on node r // ranks_per_node (default: torchrun's
+            ``GROUP_RANK`` and ``LOCAL_WORLD_SIZE``). Every node must run the same
+            number of ranks; the first hook call checks it on every rank.
 
     All ranks must use the same settings; the first hook call compares them across
     ranks and raises :class:`threelc.ConfigurationError` on every rank if they differ.
@@ -85,6 +93,7 @@ class ThreeLCState:
         error_feedback: bool = True,
         timeout: Optional[datetime.timedelta] = None,
         sparsity_warmup: Optional[int] = None,
+        ranks_per_node: Optional[int] = None,
     ):
         if transport not in TRANSPORT_CHOICES:
             raise ConfigurationError(f"transport must be one of {TRANSPORT_CHOICES}; got {transport!r}")
@@ -100,6 +109,9 @@ class ThreeLCState:
         if int(warmup) != warmup or warmup < 0:
             raise ConfigurationError(f"sparsity_warmup must be a non-negative integer; got {sparsity_warmup!r}")
         self.sparsity_warmup = int(warmup)
+        if ranks_per_node is not None and (int(ranks_per_node) != ranks_per_node or ranks_per_node < 1):
+            raise ConfigurationError(f"ranks_per_node must be a positive integer; got {ranks_per_node!r}")
+        self.ranks_per_node = None if ranks_per_node is None else int(ranks_per_node)
         self.iter = 0
         self._reset_runtime()
         if process_group is not None or dist.is_initialized():
@@ -126,6 +138,7 @@ class ThreeLCState:
         self._marks: dict = {}
 
     built_by = "ThreeLCState"  # named in the settings-mismatch error
+    supports_hierarchical = True  # its collectives can form node subgroups
 
     def _group_size(self) -> int:
         return dist.get_world_size(self.process_group)
@@ -137,7 +150,7 @@ class ThreeLCState:
         # differently on different ranks. Only member ranks take part in creating it.
         ranks = dist.get_process_group_ranks(self.process_group or dist.group.WORLD)
         group = dist.new_group(ranks, timeout=self.timeout, use_local_synchronization=True)
-        return TorchCollectives(group)
+        return TorchCollectives(group, self.timeout)
 
     def _world_size(self) -> int:
         world = self._group_size()
@@ -148,8 +161,19 @@ class ThreeLCState:
     def _start(self) -> None:
         self._world_size()
         self._comm = self._make_collectives()
-        name = choose_transport(self.transport, self._comm.world_size)
-        self._transport = TRANSPORTS[name](self._comm, self.sparsity, self.error_feedback)
+
+    def _build_transport(self) -> None:
+        """On the communication thread, after the settings agree: ``auto`` and
+        ``hierarchical`` first agree on the node layout, a collective of their own."""
+        comm, ranks_per_node = self._comm, 1
+        if self.supports_hierarchical and self.transport in ("auto", HierarchicalTransport.name):
+            claim = node_claim(comm.rank, self.ranks_per_node)
+            ranks_per_node = agree_node_layout(comm, claim, self.transport == HierarchicalTransport.name) or 1
+        name = choose_transport(self.transport, comm.world_size, ranks_per_node)
+        if name == HierarchicalTransport.name:
+            self._transport = HierarchicalTransport(comm, self.sparsity, self.error_feedback, ranks_per_node)
+        else:
+            self._transport = TRANSPORTS[name](comm, self.sparsity, self.error_feedback)
         if self._pending is not None:
             self._load_transport_state(self._pending)
             self._pending = None
@@ -200,7 +224,7 @@ class ThreeLCState:
                 warnings.warn("threelc: DDP's bucket layout differs from the checkpoint's (another model or "
                               "bucket_cap_mb?); residuals are reset", RuntimeWarning)
                 self._saved_first_layout = None
-                self._pipeline.submit(self._transport.reset, bucket.buffer().device)
+                self._pipeline.submit(lambda: self._transport.reset(), bucket.buffer().device)
         return [self._param_ids[p.data_ptr()] for p in params]
 
     def _reduce_bucket(self, step: int, index: int, keys: list, buffer: torch.Tensor,
@@ -220,8 +244,10 @@ class ThreeLCState:
     def _start_bucket(self, step: int, keys: list, buffer: torch.Tensor, segments: list[int], compress: bool,
                       last: bool) -> Deferred:
         comm = self._comm
-        if not self._settings_checked:
-            self._check_settings(buffer.device)
+        if self._transport is None:  # a failed build is retried, so every later bucket fails alike
+            if not self._settings_checked:
+                self._check_settings(buffer.device)
+            self._build_transport()
         self._current["uncompressed_bytes"] += buffer.numel() * buffer.element_size()
         if compress:
             self._current["numel"] += buffer.numel()
@@ -292,7 +318,7 @@ class ThreeLCState:
                 "error_feedback": self.error_feedback, "sparsity_warmup": self.sparsity_warmup}
 
     def _arguments(self) -> dict:
-        return {**self._settings(), "timeout": self.timeout}
+        return {**self._settings(), "timeout": self.timeout, "ranks_per_node": self.ranks_per_node}
 
     def state_dict(self) -> dict:
         """Settings, iteration and every residual: tensors and plain types only."""

@@ -183,6 +183,9 @@ class HorovodThreeLCState(ThreeLCState):
                  start_iter: int = 2, error_feedback: bool = True, **options):
         if process_group is not None:
             raise ConfigurationError("threelc on Horovod uses Horovod's global process set; process_group must be None")
+        if transport == "hierarchical":
+            raise ConfigurationError("the hierarchical transport needs node subgroups, which threelc does not build "
+                                     "on Horovod; use allgather, sharded, allreduce or auto (flat on Horovod)")
         self.extra = dict.fromkeys(_EXTRA_FIELDS, 0)  # set by DistributedOptimizer; part of the fingerprint
         super().__init__(None, sparsity, transport, start_iter, error_feedback, **options)
 
@@ -191,6 +194,7 @@ class HorovodThreeLCState(ThreeLCState):
         self._failed: ConfigurationError | None = None
 
     built_by = "threelc.hooks.horovod.DistributedOptimizer"
+    supports_hierarchical = False
 
     def _group_size(self) -> int:
         return hvd.size()

@@ -1,4 +1,4 @@
-"""The three ways to run 3LC over collectives (docs/algorithm.md, section 4).
+"""The three flat ways to run 3LC over collectives (docs/algorithm.md, section 4; hooks/hierarchical.py builds on them).
 
 A transport turns one rank's flat gradient into the average over all ranks, the same
 bits on every rank. It owns its residual memories (the codec's ``ErrorFeedback``) and
@@ -50,6 +50,9 @@ class Transport:
         self.seconds = {"encode": 0.0, "decode": 0.0}
         self.zeros = 0  # ternary zeros this rank produced, for the stats
         self._layouts: dict = {}
+        # While a list, commits wait in it: the hierarchical transport stores a step's
+        # residuals only once every inter-node group agreed the step counts.
+        self.held_commits: list | None = None
 
     @property
     def sparsity(self) -> float:
@@ -93,6 +96,12 @@ class Transport:
         if out is not None and out.dtype == torch.float32 and out.is_contiguous() and out.numel() == numel:
             return out.view(-1)
         return torch.empty(numel, dtype=torch.float32, device=device)
+
+    def _commit(self, memory: ErrorFeedback, keys, residual, lengths) -> None:
+        if self.held_commits is None:
+            memory.commit(keys, residual, lengths)
+        else:
+            self.held_commits.append((memory, keys, residual, lengths))
 
     def _timed(self, phase: str, start: float) -> None:
         self.seconds[phase] += time.perf_counter() - start
@@ -148,7 +157,7 @@ class AllgatherTransport(Transport):
             average = self._decode_peers(codec, gathered, layout, self._output(out, grad.numel(), device), "payload")
             self._timed("decode", start)
             self.zeros += encoded.zeros
-            self.memory.commit(keys, encoded.residual, segments)
+            self._commit(self.memory, keys, encoded.residual, segments)
             return average
 
         return Deferred(finish, (payloads,))
@@ -187,7 +196,7 @@ class AllreduceTransport(Transport):
             average = codec.decode_lanes(words, layout, scales, world, self._output(out, grad.numel(), device))
             self._timed("decode", start)
             self.zeros += zeros
-            self.memory.commit(keys, new_residual, segments)
+            self._commit(self.memory, keys, new_residual, segments)
             return average
 
         return Deferred(finish, (summed,))
@@ -280,8 +289,8 @@ class ShardedTransport(Transport):
                                    ranks=[rank])
             self._timed("decode", start)
             self.zeros += sum(e.zeros for e in encoded)
-            self.memory.commit(worker_keys, residual_out if self.memory.enabled else None, refined)
-            self.server_memory.commit(list(keys), served.residual, list(mine.lengths))
+            self._commit(self.memory, worker_keys, residual_out if self.memory.enabled else None, refined)
+            self._commit(self.server_memory, list(keys), served.residual, list(mine.lengths))
             return average
 
         return Deferred(finish, (aggregates,))
@@ -305,8 +314,11 @@ class ShardedTransport(Transport):
 TRANSPORTS = {cls.name: cls for cls in (AllreduceTransport, AllgatherTransport, ShardedTransport)}
 
 
-def choose_transport(name: str, world_size: int) -> str:
-    """Resolve ``"auto"``: allgather for 2 ranks, sharded for more.
+def choose_transport(name: str, world_size: int, ranks_per_node: int = 1) -> str:
+    """Resolve ``"auto"``: hierarchical for several nodes of several ranks; else allgather for 2 ranks, sharded for more.
+
+    Hierarchical keeps compressed bytes off the fast intra-node links and divides the
+    inter-node work by the ranks per node; its inter-node groups use this same rule.
 
     Per rank, allgather receives (N - 1) payloads while sharded moves about
     2 (N - 1) / N payloads' worth, at the price of four collectives instead of two:
@@ -315,4 +327,6 @@ def choose_transport(name: str, world_size: int) -> str:
     """
     if name != "auto":
         return name
+    if ranks_per_node > 1 and world_size // ranks_per_node > 1:
+        return "hierarchical"
     return "allgather" if world_size <= 2 else "sharded"

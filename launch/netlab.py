@@ -1,6 +1,7 @@
 """A multi-node testbed on one machine: network namespaces, a bridge, shaped links.
 
     sudo python launch/netlab.py --nodes 2 --rate 100mbit -- --model digits-cnn --hook threelc --steps 20
+    sudo python launch/netlab.py --nodes 2 --procs-per-node 2 --rate 100mbit -- --hook threelc --transport hierarchical
 
 Builds, for a run with N nodes (names carry a unique prefix ``tlc<pid>x<k>``):
 
@@ -13,9 +14,11 @@ Builds, for a run with N nodes (names carry a unique prefix ``tlc<pid>x<k>``):
   (launch/netloss.py; needs ``nft``, not netem).
 
 It then runs one torchrun agent per namespace (``--nnodes N --nproc-per-node
-1``, c10d rendezvous at node 0, ``GLOO_SOCKET_IFNAME=veth<i>``), collects the
+P``, c10d rendezvous at node 0, ``GLOO_SOCKET_IFNAME=veth<i>``), collects the
 rank-0 result line of launch/train.py, and reads each veth's tx/rx byte
-counters before and after.  The root namespace is never modified except for
+counters before and after.  The P processes of a node reach each other at the
+node's own address, which the kernel routes over loopback: only traffic between
+nodes crosses (and is shaped and counted on) the veths.  The root namespace is never modified except for
 adding and deleting the namespaces above, and teardown deletes only
 namespaces this process created (which removes their links with them); it
 runs on normal exit, exceptions, SIGINT/SIGTERM and at interpreter exit.
@@ -25,7 +28,7 @@ with an explanation, or, with ``strict=False`` / ``--best-effort``, proceeds
 without delay and records what was skipped.
 
 From Python: ``run_lab(["--model", "mlp-wide", "--hook", "fp16"], nodes=2,
-rate="100mbit")`` returns the same object the CLI prints.
+rate="100mbit", procs_per_node=2)`` returns the same object the CLI prints.
 """
 
 from __future__ import annotations
@@ -94,10 +97,12 @@ class NetLab:
     """N namespaces on a bridge; use as a context manager (setup/teardown)."""
 
     def __init__(self, nodes: int = 2, rate: str | None = None, delay: str | None = None, loss: float = 0.0,
-                 subnet: str = "10.77.0", strict: bool = True):
+                 subnet: str = "10.77.0", strict: bool = True, procs_per_node: int = 1):
         if not 1 <= nodes <= 200:
             raise LabError("nodes must be in 1..200")
-        self.nodes, self.rate, self.delay = nodes, rate, delay
+        if not 1 <= procs_per_node <= 64:
+            raise LabError("procs_per_node must be in 1..64")
+        self.nodes, self.rate, self.delay, self.procs_per_node = nodes, rate, delay, procs_per_node
         try:
             self.loss = netloss.check_percent(loss or 0)
         except netloss.LossError as error:
@@ -236,7 +241,7 @@ class NetLab:
         t0 = time.time()
         files = []
         for i in range(self.nodes):
-            rdzv = [f"--nnodes={self.nodes}", "--nproc-per-node=1", f"--node-rank={i}",
+            rdzv = [f"--nnodes={self.nodes}", f"--nproc-per-node={self.procs_per_node}", f"--node-rank={i}",
                     "--rdzv-backend=c10d", f"--rdzv-endpoint={self.ip(0)}:{port}", f"--rdzv-id={self.prefix}",
                     f"--rdzv-conf=is_host={int(i == 0)},join_timeout=120", f"--local-addr={self.ip(i)}",
                     "--max-restarts=0"]
@@ -303,7 +308,7 @@ class NetLab:
         total = sum(n["tx_bytes"] for n in per_node)
         st = [n["tx_bytes_per_step_steady"] for n in per_node]
         return {
-            "lab": {"nodes": self.nodes, "rate": self.rate, "delay": self.delay, "loss": self.loss,
+            "lab": {"nodes": self.nodes, "procs_per_node": self.procs_per_node, "rate": self.rate, "delay": self.delay, "loss": self.loss,
                     "emulation": self.emulation, "prefix": self.prefix, "wall_s": wall,
                     "loss_dropped_packets": dropped},  # per node, by the nftables loss rule
             "train": train,
@@ -340,7 +345,7 @@ def _kill_group(p: subprocess.Popen, grace: float = 5.0) -> None:
 
 def run_lab(train_args: list[str], nodes: int = 2, rate: str | None = None, delay: str | None = None,
             loss: float = 0.0, timeout: float = 600, strict: bool = True, port: int = 29500,
-            log_dir: str | None = None) -> dict:
+            log_dir: str | None = None, procs_per_node: int = 1) -> dict:
     """Build a lab, run launch/train.py ``train_args`` on ``nodes`` nodes, tear down.
 
     Returns ``{"lab": {...}, "train": <rank-0 result of train.py>, "wire": {...}}``;
@@ -348,7 +353,7 @@ def run_lab(train_args: list[str], nodes: int = 2, rate: str | None = None, dela
     i's veth during the run, whole-run per-step figures and, when train.py
     ran its measured window, ``*_per_step_steady`` figures for it.
     """
-    with NetLab(nodes, rate=rate, delay=delay, loss=loss, strict=strict) as lab:
+    with NetLab(nodes, rate=rate, delay=delay, loss=loss, strict=strict, procs_per_node=procs_per_node) as lab:
         return lab.run_training(train_args, timeout=timeout, port=port, log_dir=log_dir)
 
 
@@ -370,6 +375,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Multi-node DDP testbed in network namespaces",
                                 usage="netlab.py [options] -- TRAIN.PY ARGS")
     p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--procs-per-node", type=int, default=1, help="training processes per node namespace")
     p.add_argument("--rate", default=None, help="per-node egress rate, tc syntax (100mbit, 1gbit)")
     p.add_argument("--delay", default=None, help="per-node egress delay (needs sch_netem), e.g. 1ms")
     p.add_argument("--loss", "--loss-percent", type=float, default=0.0,
@@ -392,7 +398,7 @@ def main(argv=None) -> int:
             print(json.dumps({"removed": cleanup_stale()}))
             return 0
         res = run_lab(train_args, nodes=a.nodes, rate=a.rate, delay=a.delay, loss=a.loss, timeout=a.timeout,
-                      strict=not a.best_effort, port=a.port, log_dir=a.log_dir)
+                      strict=not a.best_effort, port=a.port, log_dir=a.log_dir, procs_per_node=a.procs_per_node)
     except LabError as e:
         print(f"netlab: {e}", file=sys.stderr)
         return 2

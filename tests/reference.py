@@ -17,16 +17,24 @@ def shard_lengths(n, world):
 
 
 class Reference:
-    def __init__(self, transport, world, sparsity, error_feedback=True):
+    def __init__(self, transport, world, sparsity, error_feedback=True, ranks_per_node=1):
         self.transport, self.world, self.sparsity = transport, world, sparsity
         self.workers = [threelc.ErrorFeedback(sparsity, error_feedback) for _ in range(world)]
         self.servers = [threelc.ErrorFeedback(sparsity, error_feedback) for _ in range(world)]
+        if transport == "hierarchical":
+            # One flat reference per local rank: the inter-node group of that shard.
+            nodes = world // ranks_per_node
+            self.ranks_per_node, self.nodes = ranks_per_node, nodes
+            inner = "allgather" if nodes <= 2 else "sharded"
+            self.groups = [Reference(inner, nodes, sparsity, error_feedback) for _ in range(ranks_per_node)]
 
     def set_sparsity(self, sparsity):
         """The multiplier of the steps that follow (the hook's warm-up schedule)."""
         self.sparsity = sparsity
         for memory in (*self.workers, *self.servers):
             memory.sparsity = sparsity
+        for group in getattr(self, "groups", ()):
+            group.set_sparsity(sparsity)
 
     def average(self, keys, grads, segments):
         """``keys`` name the tensors (one per segment) whose gradients ``grads`` concatenate."""
@@ -69,3 +77,21 @@ class Reference:
             q, scale, _, _ = self.servers[j].step(list(keys), total / world, mine)
             served.append(threelc.dequantize(q, scale, mine).split(mine))
         return torch.cat([served[j][i] for i in range(len(segments)) for j in range(world)])
+
+    def _hierarchical(self, keys, grads, segments):
+        """Shard l of a node: (0 + x_0 + ... + x_{L-1}) / L in local-rank order, then group l's 3LC over nodes."""
+        size, nodes = self.ranks_per_node, self.nodes
+        pieces = [shard_lengths(n, size) for n in segments]  # pieces[i][l]
+        split = [[p.float().split(pieces[i]) for i, p in enumerate(g.split(segments))] for g in grads]
+        results = []
+        for local in range(size):
+            lengths = [pieces[i][local] for i in range(len(segments))]
+            means = []
+            for node in range(nodes):
+                total = torch.zeros(sum(lengths))
+                for rank in range(node * size, (node + 1) * size):
+                    total += torch.cat([split[rank][i][local] for i in range(len(segments))])
+                means.append(total / size)
+            inner_keys = [(k, local) for k in keys]
+            results.append(self.groups[local].average(inner_keys, means, lengths).split(lengths))
+        return torch.cat([results[local][i] for i in range(len(segments)) for local in range(size)])

@@ -46,13 +46,21 @@ def gradients(rank, step, shapes=SHAPES, dtype=torch.float32):
 
 
 def train_carrier(rank, world, transport, sparsity=1.5, steps=6, dtype=torch.float32, bucket_view=False,
-                  unused=False, start_iter=1, poison=None, backend="auto", sparsity_warmup=WARMUP):
-    """DDP over the carrier model; returns every step's averaged gradients and bucket layouts."""
+                  unused=False, start_iter=1, poison=None, backend="auto", sparsity_warmup=WARMUP,
+                  ranks_per_node=None, env=None, saved=None):
+    """DDP over the carrier model; returns every step's averaged gradients and bucket layouts.
+
+    ``env`` (per-rank environment, e.g. torchrun's node layout) is set first; ``saved``
+    (a hook state_dict) is loaded before the first step and the run starts at its iteration.
+    """
     os.environ["THREELC_BACKEND"] = backend
+    os.environ.update((env or {}).get(rank, {}))
     model = Carrier(dtype=dtype, unused=unused)
     ddp = DDP(model, bucket_cap_mb=0.0005, gradient_as_bucket_view=bucket_view, find_unused_parameters=unused)
     state = ThreeLCState(sparsity=sparsity, transport=transport, start_iter=start_iter,
-                         sparsity_warmup=sparsity_warmup)
+                         sparsity_warmup=sparsity_warmup, ranks_per_node=ranks_per_node)
+    if saved is not None:
+        state.load_state_dict(saved[rank])
     # The unused parameter gets the last index (model.parameters() would list it first).
     index_of = {p.data_ptr(): i for i, p in enumerate([*model.weights, model.unused])}
     layouts = {}
@@ -63,7 +71,7 @@ def train_carrier(rank, world, transport, sparsity=1.5, steps=6, dtype=torch.flo
 
     ddp.register_comm_hook(state, recording_hook)
     history = []
-    for step in range(steps):
+    for step in range(state.iter, state.iter + steps):
         grads = gradients(rank, step, dtype=dtype)
         if poison is not None and poison[:2] == (rank, step):
             grads[poison[2]].view(-1)[0] = float("nan")
@@ -71,7 +79,8 @@ def train_carrier(rank, world, transport, sparsity=1.5, steps=6, dtype=torch.flo
         ddp(grads).backward()
         history.append([p.grad.detach().clone() for p in model.weights])
     residuals_finite = all(bool(torch.isfinite(r).all()) for r in _residuals(state))
-    return {"history": history, "layouts": layouts, "stats": state.stats, "residuals_finite": residuals_finite}
+    return {"history": history, "layouts": layouts, "stats": state.stats, "residuals_finite": residuals_finite,
+            "state": state.state_dict()}
 
 
 def run_scenarios(rank, world, scenarios):
@@ -97,8 +106,9 @@ def _residuals(state):
             yield from saved[memory]["residuals"].values()
 
 
-def reference_history(world, transport, sparsity, steps, layouts, start_iter=1, dtype=torch.float32):
-    reference = Reference(transport, world, sparsity)
+def reference_history(world, transport, sparsity, steps, layouts, start_iter=1, dtype=torch.float32,
+                      ranks_per_node=1):
+    reference = Reference(transport, world, sparsity, ranks_per_node=ranks_per_node)
     schedule = ThreeLCState(sparsity=sparsity, start_iter=start_iter, sparsity_warmup=WARMUP)
     expected = []
     for step in range(steps):
@@ -134,9 +144,11 @@ def assert_ranks_agree(results):
             assert all(same_bits(x, y) for x, y in zip(a, b)), "ranks disagree"
 
 
-def assert_matches_reference(result, world, transport, sparsity, dtype=torch.float32, start_iter=1):
+def assert_matches_reference(result, world, transport, sparsity, dtype=torch.float32, start_iter=1,
+                             ranks_per_node=1):
     steps = len(result["history"])
-    expected = reference_history(world, transport, sparsity, steps, result["layouts"], start_iter, dtype)
+    expected = reference_history(world, transport, sparsity, steps, result["layouts"], start_iter, dtype,
+                                 ranks_per_node)
     for step, (got, want) in enumerate(zip(result["history"], expected)):
         if want is None:  # warm-up: plain all-reduce in gloo's own summation order
             mean = [sum(g[i] for g in (gradients(r, step, dtype=dtype) for r in range(world))) / world

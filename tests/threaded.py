@@ -14,6 +14,13 @@ class ThreadWorld:
         self.world_size = world_size
         self.barrier = threading.Barrier(world_size, timeout=30)
         self.slots: list = [None] * world_size
+        self._subworlds: dict = {}
+        self._lock = threading.Lock()
+
+    def subworld(self, ranks):
+        """One shared world per set of ranks (its members' collectives meet in it)."""
+        with self._lock:
+            return self._subworlds.setdefault(tuple(ranks), ThreadWorld(len(ranks)))
 
     def exchange(self, rank, value):
         """Every rank's ``value``, in rank order."""
@@ -33,6 +40,8 @@ class ThreadWorld:
             except BaseException as error:  # noqa: BLE001
                 errors.append(error)
                 self.barrier.abort()
+                for sub in list(self._subworlds.values()):
+                    sub.barrier.abort()
 
         threads = [threading.Thread(target=target, args=(r,)) for r in range(self.world_size)]
         for t in threads:
@@ -48,6 +57,9 @@ class ThreadCollectives(Collectives):
     def __init__(self, world: ThreadWorld, rank: int):
         super().__init__()
         self.world, self.rank, self.world_size = world, rank, world.world_size
+
+    def subgroup(self, ranks):
+        return self._adopt(ThreadCollectives(self.world.subworld(ranks), list(ranks).index(self.rank)))
 
     def allreduce(self, tensor, op):
         everyone = self.world.exchange(self.rank, tensor.clone())

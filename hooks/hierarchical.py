@@ -1,0 +1,198 @@
+"""Hierarchical 3LC: exact averaging inside a node, 3LC only between nodes (issue 12).
+
+With M nodes of L ranks each (group rank ``r`` on node ``r // L``, local rank ``r % L``):
+
+1. inside a node, a reduce-scatter: every tensor is cut into L pieces as the sharded
+   transport cuts it (``shard_lengths``), local rank l receives piece l of every tensor
+   from its L node peers and sums them in fp32, ``0 + x_0 + ... + x_{L-1}`` in local-rank
+   order, then divides by L: the node's mean of shard l;
+2. between nodes, local rank l runs a flat 3LC transport (allgather or sharded, by
+   ``choose_transport("auto", M)``) on that shard with local rank l of every other
+   node: L independent inter-node groups, each moving 1/L of the bucket and keeping
+   its own residuals, keyed per (parameter, piece) so they survive bucket rebuilds;
+3. inside a node, an all-gather of the averaged shards.
+
+Shard l's result comes from inter-node group l alone, whose members decode identical
+bytes, so every rank ends with the same bits. Agreement: after step 2 the local ranks
+of a node exchange a status (ok, not finite, undecodable). Each group's status is the
+same on every node, so the whole job takes the same branch; residuals are stored only
+when every group is ok (the flat transports' commits are held until then).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from threelc import ConfigurationError, DecodeError
+from threelc.backends import Layout
+
+from .collectives import Collectives
+from .pipeline import Deferred
+from .transports import NOT_FINITE, OK, TRANSPORTS, UNDECODABLE, Transport, choose_transport, shard_lengths
+
+UNKNOWN = -1  # a rank that does not know its node
+
+
+def node_claim(rank: int, ranks_per_node: int | None, environ=os.environ) -> tuple[int, int]:
+    """``(ranks per node or UNKNOWN, node id or UNKNOWN)`` this rank believes in.
+
+    An explicit ``ranks_per_node`` puts group rank r on node r // ranks_per_node;
+    otherwise torchrun's ``GROUP_RANK`` names the node and ``LOCAL_WORLD_SIZE`` its size.
+    """
+    if ranks_per_node is not None:
+        return int(ranks_per_node), rank // int(ranks_per_node)
+    size = int(environ.get("LOCAL_WORLD_SIZE", UNKNOWN))
+    node = environ.get("GROUP_RANK")
+    if node is None and size > 0:
+        node = int(environ.get("RANK", rank)) // size
+    return size, int(node) if node is not None else UNKNOWN
+
+
+def agree_node_layout(comm: Collectives, claim: tuple[int, int], required: bool) -> int | None:
+    """Ranks per node, agreed by all ranks; None if no rank knows it and it is not ``required``.
+
+    Every rank checks the same gathered table, so a bad layout raises the same
+    ConfigurationError everywhere.
+    """
+    if claim[0] != UNKNOWN and claim[0] < 1:
+        claim = (UNKNOWN, claim[1])
+    table = comm.allgather(torch.tensor(claim, dtype=torch.int64)).tolist()
+    sizes = {size for size, _ in table}
+    nodes = [node for _, node in table]
+    described = "; ".join(f"rank {r}: ranks_per_node={'?' if s == UNKNOWN else s}, "
+                          f"node={'?' if n == UNKNOWN else n}" for r, (s, n) in enumerate(table))
+    if sizes == {UNKNOWN} and all(n == UNKNOWN for n in nodes):
+        if required:
+            raise ConfigurationError("the hierarchical transport needs the node layout: run under torchrun "
+                                     "(LOCAL_WORLD_SIZE, GROUP_RANK) or pass ranks_per_node")
+        return None
+    counts: dict[int, int] = {}
+    for node in nodes:
+        counts[node] = counts.get(node, 0) + 1
+    per_node = next(iter(counts.values()))
+    blocks = [nodes[i:i + per_node] for i in range(0, len(nodes), per_node)]
+    consistent = (len(sizes) == 1 and UNKNOWN not in nodes and len(set(counts.values())) == 1
+                  and (sizes == {UNKNOWN} or per_node == next(iter(sizes)))  # GROUP_RANK alone suffices
+                  and all(len(set(b)) == 1 for b in blocks) and len({b[0] for b in blocks}) == len(blocks))
+    if not consistent:
+        raise ConfigurationError("threelc: every node must run the same number of ranks, numbered consecutively "
+                                 f"(ranks by node: {dict(sorted(counts.items()))}); layout claimed: {described}")
+    return per_node
+
+
+class HierarchicalTransport(Transport):
+    """Reduce-scatter in the node, flat 3LC per shard between nodes, all-gather in the node."""
+
+    name = "hierarchical"
+
+    def __init__(self, collectives: Collectives, sparsity: float, error_feedback: bool = True,
+                 ranks_per_node: int = 1):
+        super().__init__(collectives, sparsity, error_feedback)
+        world, rank = collectives.world_size, collectives.rank
+        if ranks_per_node < 1 or world % ranks_per_node:
+            raise ConfigurationError(f"{world} ranks cannot form nodes of {ranks_per_node}")
+        self.ranks_per_node, self.nodes = ranks_per_node, world // ranks_per_node
+        node, self.local_rank = divmod(rank, ranks_per_node)
+        # Same creation order on every rank: the node's group, then the same-index group.
+        self.local = collectives.subgroup([node * ranks_per_node + j for j in range(ranks_per_node)])
+        self.across = collectives.subgroup([n * ranks_per_node + self.local_rank for n in range(self.nodes)])
+        self.inner_name = choose_transport("auto", self.nodes)
+        self.inner: Transport = TRANSPORTS[self.inner_name](self.across, sparsity, error_feedback)
+        self._plans: dict = {}
+
+    def _plan(self, segments: list[int]):
+        """Per local rank j: its shard's piece lengths and where they lie in the bucket (cached)."""
+        key = tuple(segments)
+        plan = self._plans.get(key)
+        if plan is None:
+            size = self.ranks_per_node
+            pieces = [shard_lengths(n, size) for n in segments]
+            starts, position = [], 0
+            for row in pieces:
+                starts.append([position + sum(row[:j]) for j in range(size)])
+                position += sum(row)
+            shards = [Layout([row[j] for row in pieces], [s[j] for s in starts]) for j in range(size)]
+            # (bucket offset, length) of every non-empty piece, shard 0's first: the order
+            # in which the pieces travel end to end.
+            order = [(o, n) for shard in shards for o, n in zip(shard.offsets, shard.lengths) if n]
+            plan = self._plans[key] = (shards, order)
+        return plan
+
+    def start(self, keys, grad, segments, out=None):
+        size, me, device = self.ranks_per_node, self.local_rank, grad.device
+        shards, order = self._plan(segments)
+        sizes = [s.numel for s in shards]
+        start = time.perf_counter()
+        flat = grad.reshape(-1)
+        # Slices, not an index gather: contiguous copies run at memory speed.
+        outgoing = torch.cat([flat[o:o + n] for o, n in order]).float() if order else flat.float()
+        self._timed("encode", start)
+        received = self.local.alltoall(outgoing, sizes, [sizes[me]] * size).view(size, sizes[me])
+        start = time.perf_counter()
+        node_mean = torch.zeros(sizes[me], dtype=torch.float32, device=device)
+        for row in received:  # local-rank order: the float order the reference fixes
+            node_mean += row
+        node_mean.div_(size)
+        self._timed("encode", start)
+
+        inner, seconds, zeros = self.inner, dict(self.inner.seconds), self.inner.zeros
+        inner.held_commits, status, problem = [], OK, ""
+        try:
+            shard = inner.reduce([(k, me) for k in keys], node_mean, list(shards[me].lengths))
+            if not bool(torch.isfinite(shard).all()):
+                status = NOT_FINITE
+        except DecodeError as error:
+            status, problem = UNDECODABLE, str(error)
+        held, inner.held_commits = inner.held_commits, None
+        for phase in self.seconds:
+            self.seconds[phase] += inner.seconds[phase] - seconds[phase]
+        statuses = self.local.allgather(torch.tensor([status], device=device)).view(-1).tolist()
+        if UNDECODABLE in statuses:
+            failed = [j for j, s in enumerate(statuses) if s == UNDECODABLE]
+            raise DecodeError(f"the inter-node group(s) of local rank(s) {failed} could not decode"
+                              + (f": {problem}" if problem else ""))
+        if NOT_FINITE in statuses:
+            return self._not_finite(grad.numel(), device)
+        for memory, *commit in held:
+            memory.commit(*commit)
+        self.zeros += inner.zeros - zeros
+        longest = max(sizes)
+        padded = torch.zeros(longest, dtype=torch.float32, device=device)
+        padded[: sizes[me]] = shard
+        gathered = self.local.allgather_async(padded)
+
+        def finish():
+            rows = gathered.wait()
+            start = time.perf_counter()
+            average = self._output(out, grad.numel(), device)
+            arrived = torch.cat([rows[j, : sizes[j]] for j in range(size)])
+            position = 0
+            for o, n in order:
+                average[o:o + n].copy_(arrived[position:position + n])
+                position += n
+            self._timed("decode", start)
+            return average
+
+        return Deferred(finish, (gathered,))
+
+    def set_sparsity(self, sparsity: float) -> None:
+        super().set_sparsity(sparsity)
+        self.inner.set_sparsity(sparsity)
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def state_dict(self) -> dict:
+        return {"ranks_per_node": self.ranks_per_node, "inner_name": self.inner_name,
+                "inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("ranks_per_node") != self.ranks_per_node or state.get("inner_name") != self.inner_name:
+            raise ConfigurationError(
+                f"checkpoint residuals were made by nodes of {state.get('ranks_per_node')} ranks "
+                f"({state.get('inner_name')} between nodes); this job has nodes of {self.ranks_per_node} "
+                f"({self.inner_name}): residuals belong to a rank's shard and cannot be carried across")
+        self.inner.load_state_dict(state["inner"])
