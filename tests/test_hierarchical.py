@@ -15,7 +15,7 @@ from threelc.hooks.transports import choose_transport
 
 from ranks import all_ok, run_ranks
 from reference import Reference
-from test_hook import assert_matches_reference, assert_ranks_agree, same_bits, scenario_results, train_carrier
+from test_hook import assert_matches_reference, assert_ranks_agree, same_bits, train_carrier
 from threaded import ThreadWorld
 
 RANKS_PER_NODE = 2
