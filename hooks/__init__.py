@@ -9,6 +9,9 @@ Horovod users: ``threelc.hooks.horovod``. Lightning: ``threelc.hooks.lightning``
 import their framework; this package does not.
 """
 
-from .ddp import ThreeLCState, threelc_hook
+from .ddp import TRANSPORT_CHOICES, ThreeLCState, threelc_hook
+from .transports import FLAT_TRANSPORTS
 
-__all__ = ["ThreeLCState", "threelc_hook"]
+# TRANSPORT_CHOICES: every ``transport=`` a ThreeLCState takes; FLAT_TRANSPORTS: those
+# that treat every rank alike (all but "auto" and "hierarchical").
+__all__ = ["ThreeLCState", "threelc_hook", "TRANSPORT_CHOICES", "FLAT_TRANSPORTS"]

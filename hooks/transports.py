@@ -312,6 +312,8 @@ class ShardedTransport(Transport):
 
 
 TRANSPORTS = {cls.name: cls for cls in (AllreduceTransport, AllgatherTransport, ShardedTransport)}
+# The flat transports by name, in one place for the launchers, benchmarks and tests.
+FLAT_TRANSPORTS = tuple(TRANSPORTS)
 
 
 def choose_transport(name: str, world_size: int, ranks_per_node: int = 1) -> str:

@@ -22,8 +22,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from launch.runner import RunError, run_standalone
+from threelc.hooks import FLAT_TRANSPORTS
 
-TRANSPORTS = ("allreduce", "allgather", "sharded")
+TRANSPORTS = FLAT_TRANSPORTS
 
 
 def main(argv=None) -> list[dict]:

@@ -6,10 +6,12 @@ Shared by the runner (launch/bench_net.py) and the report
 
 from __future__ import annotations
 
+from threelc.hooks import FLAT_TRANSPORTS
+
 RATES = ("unlimited", "1gbit", "100mbit")
 MODELS = ("mlp-wide", "digits-cnn")
 HOOKS = ("none", "fp16", "powersgd", "powersgd-multibucket", "threelc")
-TRANSPORTS = ("allreduce", "allgather", "sharded")
+TRANSPORTS = FLAT_TRANSPORTS
 SPARSITIES = (1.0, 1.9)
 # DDP bucket caps that give PowerSGD several buckets.  mlp-wide: 1 MB gives the
 # same two buckets as DDP's default (1 MB first bucket, then 25 MB; train.py only

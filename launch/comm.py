@@ -37,7 +37,6 @@ import numpy as np
 import torch
 
 KINDS = ("none", "fp16", "powersgd", "batched-powersgd", "threelc")
-TRANSPORTS = ("allreduce", "allgather", "sharded", "hierarchical", "auto")
 
 
 class Comm:

@@ -3,7 +3,7 @@
     horovodrun -np 2 -H localhost:2 --gloo python launch/train_horovod.py \\
         --model digits-cnn --hook threelc --sparsity 1.75 --steps 300
 
-The flags are launch/train.py's (its ``parse_args`` is imported), and rank 0 prints
+The flags are launch/train.py's (launch/args.py), and rank 0 prints
 the same final JSON line (plus ``"framework": "horovod"``). ``--hook`` takes
 
 * ``none``: ``hvd.DistributedOptimizer`` (fp32 all-reduce, Horovod's tensor fusion),
@@ -31,7 +31,7 @@ import torch
 from launch import checkpoint
 from launch.comm import Comm
 from launch.loop import build_task, cross_rank, emit, restore_checkpoint, result_line, run_steps
-from launch.train import parse_args
+from launch.args import parse_args
 
 HOOKS = ("none", "fp16", "threelc")
 

@@ -27,12 +27,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from threelc.hooks import FLAT_TRANSPORTS
+
 REPO = Path(__file__).resolve().parents[1]
 
 SHAPES = [(40, 30), (30,), (7, 5, 3), (1,), (300,), (20, 20)]
 PARTIAL_SHAPE = (3,)  # the parameter only rank 0 uses (variant "partial")
 CAP_MB = 0.002  # 2097 bytes: the carrier's fp32 gradients make 3 buckets
-TRANSPORTS = ["allgather", "allreduce", "sharded"]
+TRANSPORTS = FLAT_TRANSPORTS
 EXACT_STEPS = 20
 
 

@@ -13,13 +13,13 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import threelc
-from threelc.hooks import ThreeLCState, threelc_hook
+from threelc.hooks import FLAT_TRANSPORTS, ThreeLCState, threelc_hook
 
 from ranks import all_ok, run_ranks
 from reference import Reference
 
 SHAPES = [(40, 30), (30,), (7, 5, 3), (1,), (300,), (20, 20)]
-TRANSPORTS = ["allgather", "allreduce", "sharded"]
+TRANSPORTS = FLAT_TRANSPORTS
 # The hook runs on every codec backend this checkout has; each must equal the reference.
 BACKENDS = ["native", "torch"] if threelc.backends.NATIVE is not None else ["torch"]
 

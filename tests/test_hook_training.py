@@ -10,14 +10,14 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from threelc.hooks import ThreeLCState, threelc_hook
+from threelc.hooks import FLAT_TRANSPORTS, ThreeLCState, threelc_hook
 
 from ranks import all_ok, run_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from launch import models  # noqa: E402
 
-TRANSPORTS = ["allgather", "allreduce", "sharded"]
+TRANSPORTS = FLAT_TRANSPORTS
 
 
 def flat_params(model):
