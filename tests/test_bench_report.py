@@ -13,15 +13,13 @@ import argparse
 import copy
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # `launch` lives at the repo root
 
-from launch import bench_net, bench_net_plan, bench_net_report  # noqa: E402
+from launch import bench_net, bench_net_plan, bench_net_report
 
 RESULTS = REPO / "results" / "bench_net.json"
 

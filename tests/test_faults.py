@@ -35,16 +35,15 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `launch` lives at the repo root
 
-import threelc  # noqa: E402
-from launch.runner import REPO, parse_result, torchrun_cmd, worker_env  # noqa: E402
-from threelc.hooks import ThreeLCState, threelc_hook  # noqa: E402
-from threelc.hooks.collectives import Collectives, Pending  # noqa: E402
-from threelc.hooks.transports import TRANSPORTS  # noqa: E402
+import threelc
+from launch.runner import REPO, parse_result, torchrun_cmd, worker_env
+from threelc.hooks import ThreeLCState, threelc_hook
+from threelc.hooks.collectives import Collectives, Pending
+from threelc.hooks.transports import TRANSPORTS
 
-from ranks import RankFailed, all_ok, run_ranks  # noqa: E402
-from threaded import ThreadCollectives, ThreadWorld  # noqa: E402
+from ranks import RankFailed, all_ok, run_ranks
+from threaded import ThreadCollectives, ThreadWorld
 
 # ----------------------------------------------------------------------------- 1a/1b: elastic restart
 

@@ -9,20 +9,17 @@ does not guarantee.
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
 
 from ranks import all_ok, run_ranks
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `launch` lives at the repo root
 
-from launch import gather  # noqa: E402
+from launch import gather
 
 
 class _Blob:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +12,7 @@ from threelc.hooks import FLAT_TRANSPORTS, ThreeLCState, threelc_hook
 
 from ranks import all_ok, run_ranks
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from launch import models  # noqa: E402
+from launch import models
 
 TRANSPORTS = FLAT_TRANSPORTS
 

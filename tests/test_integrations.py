@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `launch` lives at the repo root
 
-from launch.runner import REPO, worker_env  # noqa: E402
+from launch.runner import REPO, worker_env
 
 EXAMPLES = REPO / "launch" / "examples"
 STEPS, START_ITER = 8, 2  # the examples' max_steps and ThreeLCState's default start_iter

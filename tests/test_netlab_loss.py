@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `launch` lives at the repo root
 
 if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("ip", "tc", "nft")):
     pytest.skip("lossy links need root, iproute2 (ip, tc) and nftables (nft)", allow_module_level=True)
 
-from launch.netlab import run_lab  # noqa: E402
+from launch.netlab import run_lab
 
 TRAIN = ["--model", "digits-cnn", "--steps", "30", "--warmup-steps", "3", "--seed", "1"]
 HOOKS = {"none": ["--hook", "none"], "threelc": ["--hook", "threelc", "--sparsity", "1.0", "--transport", "allgather"]}

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `launch` lives at the repo root
 
 if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
     pytest.skip("netlab needs root and iproute2 (ip, tc)", allow_module_level=True)
 
-from launch.netlab import _existing_namespaces, run_lab  # noqa: E402
+from launch.netlab import _existing_namespaces, run_lab
 
 TRAIN = ["--model", "digits-cnn", "--steps", "8", "--warmup-steps", "3", "--seed", "1"]
 

@@ -14,16 +14,13 @@ Each torchrun costs ~5-15 s (mostly importing torch in 3 processes).
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `launch` lives at the repo root
 
-from launch import models  # noqa: E402
-from launch.runner import run_standalone  # noqa: E402
+from launch import models
+from launch.runner import run_standalone
 
 DIGITS_PARAMS = 38282  # DigitsCNN
 BASE = ["--model", "digits-cnn", "--seed", "7", "--no-progress"]
