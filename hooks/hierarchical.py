@@ -31,7 +31,8 @@ from threelc.backends import Layout
 
 from .collectives import Collectives
 from .pipeline import Deferred
-from .transports import NOT_FINITE, OK, TRANSPORTS, UNDECODABLE, Transport, choose_transport, shard_lengths
+from .transports import (NOT_FINITE, OK, TRANSPORTS, UNDECODABLE, Transport, all_finite, choose_transport,
+                         shard_lengths)
 
 UNKNOWN = -1  # a rank that does not know its node
 
@@ -150,11 +151,7 @@ class HierarchicalTransport(Transport):
         for phase in self.seconds:
             self.seconds[phase] += inner.seconds[phase] - seconds[phase]
         statuses = self.local.allgather(torch.tensor([status], device=device)).view(-1).tolist()
-        if UNDECODABLE in statuses:
-            failed = [j for j, s in enumerate(statuses) if s == UNDECODABLE]
-            raise DecodeError(f"the inter-node group(s) of local rank(s) {failed} could not decode"
-                              + (f": {problem}" if problem else ""))
-        if NOT_FINITE in statuses:
+        if not all_finite(statuses, "the inter-node group(s) of local rank(s) {failed} could not decode", problem):
             return self._not_finite(grad.numel(), device)
         for memory, *commit in held:
             memory.commit(*commit)

@@ -26,8 +26,20 @@ from threelc.quantize import scales_from_absmax
 from .collectives import Collectives
 from .pipeline import Deferred
 
-# Status a server reports with its aggregate's size (sharded transport).
+# Status a server reports with its aggregate's size (sharded transport), and an
+# inter-node group to its node (hierarchical).
 OK, NOT_FINITE, UNDECODABLE = 0, 1, 2
+
+
+def all_finite(statuses: list[int], who: str, problem: str = "") -> bool:
+    """False if any status is NOT_FINITE; a DecodeError naming ``who`` (the indices) if any is UNDECODABLE.
+
+    Every rank holds the same statuses, so every rank takes the same branch.
+    """
+    if UNDECODABLE in statuses:
+        failed = [j for j, s in enumerate(statuses) if s == UNDECODABLE]
+        raise DecodeError(who.format(failed=failed) + (f": {problem}" if problem else ""))
+    return NOT_FINITE not in statuses
 
 
 def shard_lengths(length: int, world_size: int) -> list[int]:
@@ -271,12 +283,7 @@ class ShardedTransport(Transport):
         self._timed("decode", start)
         aggregate = served.payload if status == OK else empty
         meta = self.comm.allgather(torch.tensor([aggregate.numel(), status], device=device)).cpu()
-        statuses = meta[:, 1].tolist()
-        if UNDECODABLE in statuses:
-            failed = [r for r, s in enumerate(statuses) if s == UNDECODABLE]
-            raise DecodeError(f"server rank(s) {failed} could not decode their shard"
-                              + (f": {problem}" if problem else ""))
-        if NOT_FINITE in statuses:
+        if not all_finite(meta[:, 1].tolist(), "server rank(s) {failed} could not decode their shard", problem):
             return self._not_finite(grad.numel(), device)
         aggregates = self.comm.allgather_bytes_async(aggregate, meta[:, 0].tolist(), served.room)
 

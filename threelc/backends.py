@@ -159,11 +159,7 @@ class NativeCodec(Codec):
         return Encoded(buffer[:length], scales, residual_out, True, zeros, buffer)
 
     def decode(self, payloads, layout, out, *, average=True):
-        self._check(out, layout, "output")
-        if out.dtype != torch.float32:
-            raise ConfigurationError(f"decode writes float32; the output is {out.dtype}")
-        if not average and len(payloads) != 1:
-            raise ConfigurationError(f"decode without averaging takes one payload; got {len(payloads)}")
+        self._check_decode(payloads, layout, out, average)
         views = []
         for index, payload in enumerate(payloads):
             if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8:

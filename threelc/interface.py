@@ -110,6 +110,13 @@ class Codec:
             residual_out = None
         return x, residual, residual_out
 
+    def _check_decode(self, payloads, layout: Layout, out: torch.Tensor, average: bool) -> None:
+        self._check(out, layout, "output")
+        if out.dtype != torch.float32:
+            raise ConfigurationError(f"decode writes float32; the output is {out.dtype}")
+        if not average and len(payloads) != 1:
+            raise ConfigurationError(f"decode without averaging takes one payload; got {len(payloads)}")
+
     def decode(self, payloads: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, *,
                average: bool = True) -> torch.Tensor:
         """``out[segments] = (0 + d_0 + ... + d_{N-1}) / N`` (``average``) or ``d_0`` (one payload).

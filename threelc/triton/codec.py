@@ -208,11 +208,7 @@ class TritonCodec(Codec):
         return (total != n5) | over.any()
 
     def decode(self, payloads, layout, out, *, average=True):
-        self._check(out, layout, "output")
-        if out.dtype != torch.float32:
-            raise ConfigurationError(f"decode writes float32; the output is {out.dtype}")
-        if not average and len(payloads) != 1:
-            raise ConfigurationError(f"decode without averaging takes one payload; got {len(payloads)}")
+        self._check_decode(payloads, layout, out, average)
         device, count, numel = out.device, len(layout.lengths), layout.numel
         n5 = packed_length(numel)
         prefix_size, body_offset = HEADER_SIZE + 8 * count, HEADER_SIZE + SEGMENT_ENTRY_SIZE * count
