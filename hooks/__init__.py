@@ -9,7 +9,8 @@ Horovod users: ``threelc.hooks.horovod``. Lightning: ``threelc.hooks.lightning``
 import their framework; this package does not.
 """
 
-from .ddp import TRANSPORT_CHOICES, ThreeLCState, threelc_hook
+from .ddp import ThreeLCState, threelc_hook
+from .settings import TRANSPORT_CHOICES
 from .transports import FLAT_TRANSPORTS
 
 # TRANSPORT_CHOICES: every ``transport=`` a ThreeLCState takes; FLAT_TRANSPORTS: those

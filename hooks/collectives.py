@@ -69,6 +69,13 @@ class Collectives:
         """
         raise NotImplementedError(f"{type(self).__name__} has no subgroups")
 
+    def begin(self, tag: str) -> None:
+        """Mark the start of one bucket's collectives (``tag``, e.g. ``"b3"``).
+
+        Backends whose collectives are matched by name (Horovod) name the following
+        calls after it; the others ignore it.
+        """
+
     def _adopt(self, child: "Collectives") -> "Collectives":
         child.parent = self
         return child
@@ -159,3 +166,26 @@ class TorchCollectives(Collectives):
         dist.all_to_all_single(result, tensor.contiguous(), recv_splits, send_splits, group=self.group)
         self._count(tensor, result)
         return result
+
+
+class TorchGroup:
+    """The engine's group on torch.distributed: a private copy of ``process_group``'s ranks.
+
+    Private because DDP issues collectives of its own during backward (the
+    unused-parameter map with find_unused_parameters=True) from its own thread, and
+    sharing a group would let those interleave with ours differently on different
+    ranks. Only member ranks take part in creating it.
+    """
+
+    node_groups = True
+
+    def __init__(self, process_group: dist.ProcessGroup | None = None, timeout=None) -> None:
+        self.process_group, self.timeout = process_group, timeout
+
+    def size(self) -> int:
+        return dist.get_world_size(self.process_group)
+
+    def collectives(self) -> TorchCollectives:
+        ranks = dist.get_process_group_ranks(self.process_group or dist.group.WORLD)
+        group = dist.new_group(ranks, timeout=self.timeout, use_local_synchronization=True)
+        return TorchCollectives(group, self.timeout)

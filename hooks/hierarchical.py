@@ -52,7 +52,7 @@ def node_claim(rank: int, ranks_per_node: int | None, environ=os.environ) -> tup
     return size, int(node) if node is not None else UNKNOWN
 
 
-def agree_node_layout(comm: Collectives, claim: tuple[int, int], required: bool) -> int | None:
+def agree_node_layout(collectives: Collectives, claim: tuple[int, int], required: bool) -> int | None:
     """Ranks per node, agreed by all ranks; None if no rank knows it and it is not ``required``.
 
     Every rank checks the same gathered table, so a bad layout raises the same
@@ -60,7 +60,7 @@ def agree_node_layout(comm: Collectives, claim: tuple[int, int], required: bool)
     """
     if claim[0] != UNKNOWN and claim[0] < 1:
         claim = (UNKNOWN, claim[1])
-    table = comm.allgather(torch.tensor(claim, dtype=torch.int64)).tolist()
+    table = collectives.allgather(torch.tensor(claim, dtype=torch.int64)).tolist()
     sizes = {size for size, _ in table}
     nodes = [node for _, node in table]
     described = "; ".join(f"rank {r}: ranks_per_node={'?' if s == UNKNOWN else s}, "
@@ -118,7 +118,7 @@ class HierarchicalTransport(Transport):
             shards = [Layout([row[j] for row in pieces], [s[j] for s in starts]) for j in range(size)]
             # (bucket offset, length) of every non-empty piece, shard 0's first: the order
             # in which the pieces travel end to end.
-            order = [(o, n) for shard in shards for o, n in zip(shard.offsets, shard.lengths) if n]
+            order = [(o, n) for shard in shards for o, n in zip(shard.offsets, shard.segments) if n]
             plan = self._plans[key] = (shards, order)
         return plan
 
@@ -142,7 +142,7 @@ class HierarchicalTransport(Transport):
         inner, seconds, zeros = self.inner, dict(self.inner.seconds), self.inner.zeros
         inner.held_commits, status, problem = [], OK, ""
         try:
-            shard = inner.reduce([(k, me) for k in keys], node_mean, list(shards[me].lengths))
+            shard = inner.reduce([(k, me) for k in keys], node_mean, list(shards[me].segments))
             if not bool(torch.isfinite(shard).all()):
                 status = NOT_FINITE
         except DecodeError as error:

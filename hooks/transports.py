@@ -57,7 +57,7 @@ class Transport:
     name = ""
 
     def __init__(self, collectives: Collectives, sparsity: float, error_feedback: bool = True):
-        self.comm = collectives
+        self.collectives = collectives
         self.memory = ErrorFeedback(sparsity, error_feedback)
         self.seconds = {"encode": 0.0, "decode": 0.0}
         self.zeros = 0  # ternary zeros this rank produced, for the stats
@@ -98,7 +98,7 @@ class Transport:
     def _encode(memory: ErrorFeedback, keys, x: torch.Tensor, layout: Layout, codec: Codec,
                 dtype: torch.dtype) -> Encoded:
         """Encode ``x`` (laid out as ``layout``) with ``memory``'s residual for ``keys``."""
-        residual = memory.residual(keys, layout.lengths, x.device)
+        residual = memory.residual(keys, layout.segments, x.device)
         residual_out = memory.spare(keys, x.numel(), x.device) if memory.enabled else None
         return codec.encode(x, residual, layout, memory.sparsity, dtype=dtype, feedback=memory.enabled,
                             residual_out=residual_out)
@@ -109,11 +109,11 @@ class Transport:
             return out.view(-1)
         return torch.empty(numel, dtype=torch.float32, device=device)
 
-    def _commit(self, memory: ErrorFeedback, keys, residual, lengths) -> None:
+    def _commit(self, memory: ErrorFeedback, keys, residual, segments) -> None:
         if self.held_commits is None:
-            memory.commit(keys, residual, lengths)
+            memory.commit(keys, residual, segments)
         else:
-            self.held_commits.append((memory, keys, residual, lengths))
+            self.held_commits.append((memory, keys, residual, segments))
 
     def _timed(self, phase: str, start: float) -> None:
         self.seconds[phase] += time.perf_counter() - start
@@ -158,10 +158,10 @@ class AllgatherTransport(Transport):
         # on CUDA (threelc/triton/codec.py): encode read back its size, flag and zero count;
         # this .cpu() is the one the variable-length all-gather needs (its split sizes);
         # decode reads the headers and its validity verdicts back in one copy.
-        meta = self.comm.allgather(torch.tensor([encoded.payload.numel(), encoded.finite], device=device)).cpu()
+        meta = self.collectives.allgather(torch.tensor([encoded.payload.numel(), encoded.finite], device=device)).cpu()
         if not bool(meta[:, 1].all()):
             return self._not_finite(grad.numel(), device)
-        payloads = self.comm.allgather_bytes_async(encoded.payload, meta[:, 0].tolist(), encoded.room)
+        payloads = self.collectives.allgather_bytes_async(encoded.payload, meta[:, 0].tolist(), encoded.room)
 
         def finish():
             gathered = payloads.wait()
@@ -181,7 +181,7 @@ class AllreduceTransport(Transport):
     name = "allreduce"
 
     def start(self, keys, grad, segments, out=None):
-        world, device, layout, codec = self.comm.world_size, grad.device, self._layout(segments), codec_for(grad.device)
+        world, device, layout, codec = self.collectives.world_size, grad.device, self._layout(segments), codec_for(grad.device)
         start = time.perf_counter()
         residual = self.memory.residual(keys, segments, device)
         absmax = codec.absmax(grad, residual, layout)
@@ -189,7 +189,7 @@ class AllreduceTransport(Transport):
         # The last entry is a "some rank is not finite" flag; NaN itself would not survive MAX.
         proposal = torch.cat([torch.where(finite, absmax, 0.0), (~finite.all()).float().reshape(1)])
         self._timed("encode", start)
-        agreed = self.comm.allreduce(proposal, "max")
+        agreed = self.collectives.allreduce(proposal, "max")
         # Host syncs on CUDA: this .item() (every rank must skip a non-finite bucket alike,
         # before the integer all-reduce is issued) and encode_lanes' zero count.
         if agreed[-1].item() > 0:
@@ -200,7 +200,7 @@ class AllreduceTransport(Transport):
         words, new_residual, zeros = codec.encode_lanes(grad, residual, layout, scales, world,
                                                         feedback=self.memory.enabled, residual_out=residual_out)
         self._timed("encode", start)
-        summed = self.comm.allreduce_async(words, "sum")
+        summed = self.collectives.allreduce_async(words, "sum")
 
         def finish():
             words = summed.wait()
@@ -235,7 +235,7 @@ class ShardedTransport(Transport):
         key = tuple(segments)
         plan = self._plans.get(key)
         if plan is None:
-            world = self.comm.world_size
+            world = self.collectives.world_size
             pieces = [shard_lengths(n, world) for n in segments]  # pieces[i][j]
             starts, position = [], 0
             for row in pieces:
@@ -245,11 +245,11 @@ class ShardedTransport(Transport):
                               [starts[i][j] for i in range(len(segments))]) for j in range(world)]
             # Worker residuals: one per (tensor, server) piece, in bucket order.
             refined = [n for row in pieces for n in row]
-            plan = self._plans[key] = (servers, refined, Layout(servers[self.comm.rank].lengths))
+            plan = self._plans[key] = (servers, refined, Layout(servers[self.collectives.rank].segments))
         return plan
 
     def start(self, keys, grad, segments, out=None):
-        world, device, codec = self.comm.world_size, grad.device, codec_for(grad.device)
+        world, device, codec = self.collectives.world_size, grad.device, codec_for(grad.device)
         servers, refined, mine = self._plan(segments)
         worker_keys = [(k, j) for k in keys for j in range(world)]
         start = time.perf_counter()
@@ -265,11 +265,11 @@ class ShardedTransport(Transport):
         meta = torch.tensor([[n, finite] for n in send_sizes], device=device).view(-1)
         # Host syncs on CUDA: each encode's size read-back, this .cpu() (the all-to-all's
         # receive sizes), the servers' decode, and the status all-gather below.
-        meta = self.comm.alltoall(meta, [2] * world, [2] * world).view(world, 2).cpu()
+        meta = self.collectives.alltoall(meta, [2] * world, [2] * world).view(world, 2).cpu()
         if not bool(meta[:, 1].all()):  # each rank told every peer its flag: all agree
             return self._not_finite(grad.numel(), device)
         recv_sizes = meta[:, 0].tolist()
-        received = self.comm.alltoall(torch.cat(payloads), send_sizes, recv_sizes).split(recv_sizes)
+        received = self.collectives.alltoall(torch.cat(payloads), send_sizes, recv_sizes).split(recv_sizes)
 
         status, problem, served = OK, "", None
         start = time.perf_counter()
@@ -282,10 +282,10 @@ class ShardedTransport(Transport):
             status, problem = UNDECODABLE, str(error)
         self._timed("decode", start)
         aggregate = served.payload if status == OK else empty
-        meta = self.comm.allgather(torch.tensor([aggregate.numel(), status], device=device)).cpu()
+        meta = self.collectives.allgather(torch.tensor([aggregate.numel(), status], device=device)).cpu()
         if not all_finite(meta[:, 1].tolist(), "server rank(s) {failed} could not decode their shard", problem):
             return self._not_finite(grad.numel(), device)
-        aggregates = self.comm.allgather_bytes_async(aggregate, meta[:, 0].tolist(), served.room)
+        aggregates = self.collectives.allgather_bytes_async(aggregate, meta[:, 0].tolist(), served.room)
 
         def finish():
             gathered = aggregates.wait()
@@ -297,7 +297,7 @@ class ShardedTransport(Transport):
             self._timed("decode", start)
             self.zeros += sum(e.zeros for e in encoded)
             self._commit(self.memory, worker_keys, residual_out if self.memory.enabled else None, refined)
-            self._commit(self.server_memory, list(keys), served.residual, list(mine.lengths))
+            self._commit(self.server_memory, list(keys), served.residual, list(mine.segments))
             return average
 
         return Deferred(finish, (aggregates,))

@@ -40,7 +40,7 @@ def check(transport: str, device: torch.device) -> int:
     seen = []
 
     def recording_hook(state, bucket):
-        if state.iter < state.start_iter:  # DDP's first step: plain averaging; it rebuilds its buckets after
+        if state.iter < state.settings.start_iter:  # DDP's first step: plain averaging; it rebuilds its buckets after
             return threelc_hook(state, bucket)
         buffer = bucket.buffer().detach().clone()  # on the device: a .cpu() here would add a sync
         segments = [p.numel() for p in bucket.parameters()]

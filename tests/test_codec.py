@@ -219,11 +219,11 @@ def test_decode_encode_equals_dequantize_quantize(values, sparsity, dtype):
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(0, 40), min_size=1, max_size=8), st.data())
-def test_segmented_round_trip(lengths, data):
-    values = data.draw(st.lists(floats, min_size=sum(lengths), max_size=sum(lengths)))
+def test_segmented_round_trip(segments, data):
+    values = data.draw(st.lists(floats, min_size=sum(segments), max_size=sum(segments)))
     x = torch.tensor(values, dtype=torch.float32)
-    q, scales = threelc.quantize(x, 1.5, lengths)
-    assert torch.equal(threelc.decode(threelc.encode(x, 1.5, lengths)), threelc.dequantize(q, scales, lengths))
+    q, scales = threelc.quantize(x, 1.5, segments)
+    assert torch.equal(threelc.decode(threelc.encode(x, 1.5, segments)), threelc.dequantize(q, scales, segments))
 
 
 def test_header_fields():

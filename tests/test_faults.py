@@ -371,19 +371,19 @@ def _gradient(rank, step):
 def run_hostile(transport, mode, targets):
     """Every rank's outcome: its list of averages, or the exception it ended with."""
     world = ThreadWorld(HOSTILE_WORLD)
-    outcomes, comms = [None] * HOSTILE_WORLD, []
+    outcomes, collectives_of = [None] * HOSTILE_WORLD, []
     for rank in range(HOSTILE_WORLD):
-        comms.append(HostileCollectives(ThreadCollectives(world, rank), mode if rank == HOSTILE_RANK else None,
+        collectives_of.append(HostileCollectives(ThreadCollectives(world, rank), mode if rank == HOSTILE_RANK else None,
                                         targets, seed=rank, bad_step=BAD_STEP))
 
     def body(rank):
-        comm = comms[rank]
-        engine = TRANSPORTS[transport](comm, 1.5)
+        collectives = collectives_of[rank]
+        averager = TRANSPORTS[transport](collectives, 1.5)
         averages = []
         try:
             for step in range(STEPS):
-                comm.step = step
-                averages.append(engine.reduce(KEYS, _gradient(rank, step), SEGMENTS))
+                collectives.step = step
+                averages.append(averager.reduce(KEYS, _gradient(rank, step), SEGMENTS))
             outcomes[rank] = averages
         except BaseException as error:  # noqa: BLE001 - what every rank ends with is the point
             outcomes[rank] = error
@@ -395,7 +395,7 @@ def run_hostile(transport, mode, targets):
     for t in threads:
         t.join(60)
     assert not any(t.is_alive() for t in threads), "a rank hung"
-    assert comms[HOSTILE_RANK].corrupted, "nothing was corrupted: the scenario does not test anything"
+    assert collectives_of[HOSTILE_RANK].corrupted, "nothing was corrupted: the scenario does not test anything"
     return outcomes
 
 
@@ -489,9 +489,9 @@ def test_valid_looking_corruption_leaves_receivers_in_agreement(transport, targe
 def run_hostile_clean(transport):
     world = ThreadWorld(HOSTILE_WORLD)
 
-    def body(rank, comm):
-        engine = TRANSPORTS[transport](comm, 1.5)
-        return [engine.reduce(KEYS, _gradient(rank, step), SEGMENTS) for step in range(STEPS)]
+    def body(rank, collectives):
+        averager = TRANSPORTS[transport](collectives, 1.5)
+        return [averager.reduce(KEYS, _gradient(rank, step), SEGMENTS) for step in range(STEPS)]
     return world.run(body)
 
 
@@ -541,7 +541,7 @@ def long_run(rank, world, steps, warm):
             marks[step + 1] = {
                 "rss": _rss_bytes(), "stats_repr": len(repr(state.stats)), "stats_keys": _shape(state.stats),
                 "objects": len(gc.get_objects()), "residuals": len(transport.memory.residuals),
-                "param_ids": len(state._param_ids), "layouts": len(state._first_layout),
+                "param_ids": len(state.bucket_keys.param_ids), "layouts": len(state.bucket_keys.first_layout),
                 "seconds": time.monotonic() - start}
     state.close()
     return {"marks": marks, "stats": state.stats}

@@ -151,8 +151,8 @@ def test_transport_equals_reference_with_regrouped_tensors(nodes, per_node, segm
         parts = grad.split(segments)
         return torch.cat([parts[k] for k in bucket]), [segments[k] for k in bucket]
 
-    def body(rank, comm):
-        transport = HierarchicalTransport(comm, 1.5, True, per_node)
+    def body(rank, collectives):
+        transport = HierarchicalTransport(collectives, 1.5, True, per_node)
         out = []
         for step in range(steps):
             for bucket in buckets(step):
@@ -172,10 +172,10 @@ def test_transport_equals_reference_with_regrouped_tensors(nodes, per_node, segm
 
 def test_traffic_between_nodes_is_one_shard_per_rank():
     """Inter-node groups carry 1/L of the bucket each; the node subgroups count into the job's counters."""
-    def body(rank, comm):
-        transport = HierarchicalTransport(comm, 1.0, True, 2)
+    def body(rank, collectives):
+        transport = HierarchicalTransport(collectives, 1.0, True, 2)
         transport.reduce(list(range(len(SEGMENTS))), _gradient(rank, 0), SEGMENTS)
-        return transport.across.bytes_sent, transport.local.bytes_sent, comm.bytes_sent, transport.inner.name
+        return transport.across.bytes_sent, transport.local.bytes_sent, collectives.bytes_sent, transport.inner.name
 
     for across, local, total, inner in ThreadWorld(4).run(body):
         assert inner == "allgather" and total == across + local > 0
@@ -192,9 +192,9 @@ def test_layout_agreement():
         world = ThreadWorld(len(claims))
         outcomes = [None] * len(claims)
 
-        def body(rank, comm):
+        def body(rank, collectives):
             try:
-                outcomes[rank] = agree_node_layout(comm, claims[rank], required)
+                outcomes[rank] = agree_node_layout(collectives, claims[rank], required)
             except threelc.ConfigurationError as error:
                 outcomes[rank] = str(error)
         world.run(body)

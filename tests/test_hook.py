@@ -321,6 +321,55 @@ def test_unknown_bucket_layout_gets_one_scale(tmp_path, transport):
         assert all(torch.equal(r[step], expected) for r in results), step
 
 
+def layout_change_run(rank, world):
+    """Resume a 2-layer model's hook state on a 3-layer one (another first bucket layout), and on itself."""
+    import warnings
+
+    def train(model, state, steps):
+        ddp = DDP(model, bucket_cap_mb=0.0001)  # a bucket per parameter
+        ddp.register_comm_hook(state, threelc_hook)
+        generator = torch.Generator().manual_seed(rank)
+        for _ in range(steps):
+            ddp(torch.randn(4, 8, generator=generator)).square().mean().backward()
+        return state
+
+    def two_layers():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+
+    saved = train(two_layers(), ThreeLCState(sparsity=1.5, start_iter=1), 3).state_dict()
+    out = {"saved": len(saved["transport"]["worker"]["residuals"])}
+    def three_layers():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 6), nn.Linear(6, 4))
+
+    for name, model in (("same", two_layers()), ("other", three_layers()), ("fresh", three_layers())):
+        state = ThreeLCState(sparsity=1.5, start_iter=1)
+        if name == "fresh":  # no checkpoint: what "other" must equal
+            state.iter = saved["iter"]
+        else:
+            state.load_state_dict(saved)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(model, state, 1)
+        out[name] = {"warned": any("bucket layout differs" in str(w.message) for w in caught),
+                     "residuals": state.state_dict()["transport"]["worker"]["residuals"]}
+        state.close()
+    out["loaded"] = saved["transport"]["worker"]["residuals"]
+    return out
+
+
+def test_bucket_layout_change_resets_residuals(tmp_path):
+    """Another model's checkpoint: a warning and fresh residuals, even before the transport exists."""
+    for out in all_ok(run_ranks(layout_change_run, 2, workdir=tmp_path)):
+        assert out["saved"] == 4 and not out["same"]["warned"] and out["other"]["warned"], out
+        # The same model continues from the checkpoint's residuals; the other has only this step's.
+        assert set(out["same"]["residuals"]) == set(out["loaded"])
+        assert any(not torch.equal(out["same"]["residuals"][k], out["loaded"][k]) for k in out["loaded"])
+        other, fresh = out["other"]["residuals"], out["fresh"]["residuals"]
+        assert set(other) == set(fresh) and all(torch.equal(other[k], fresh[k]) for k in fresh)
+
+
 def test_auto_transport_rule():
     from threelc.hooks.transports import choose_transport
     assert [choose_transport("auto", n) for n in (1, 2, 3, 4, 64)] == ["allgather"] * 2 + ["sharded"] * 3
@@ -339,8 +388,9 @@ def test_state_validation_and_pickling():
     state = ThreeLCState(sparsity=1.7, transport="sharded", start_iter=5, sparsity_warmup=7)
     state.iter = 9
     restored = pickle.loads(pickle.dumps(state))
-    assert (restored.sparsity, restored.transport, restored.start_iter, restored.iter) == (1.7, "sharded", 5, 9)
-    assert restored.sparsity_warmup == 7
+    settings = restored.settings
+    assert (settings.sparsity, settings.transport, settings.start_iter, restored.iter) == (1.7, "sharded", 5, 9)
+    assert restored.settings.sparsity_warmup == 7
     buffer = io.BytesIO()
     torch.save(state.state_dict(), buffer)
     buffer.seek(0)
@@ -359,4 +409,4 @@ def test_sparsity_warmup_schedule():
     state = ThreeLCState(sparsity=1.9, start_iter=2, sparsity_warmup=4)
     assert [round(state.sparsity_at(i), 6) for i in range(2, 8)] == [1.225, 1.45, 1.675, 1.9, 1.9, 1.9]
     assert ThreeLCState(sparsity=1.9, start_iter=2, sparsity_warmup=0).sparsity_at(2) == 1.9
-    assert ThreeLCState(sparsity=1.9).sparsity_warmup == threelc.hooks.ddp.DEFAULT_SPARSITY_WARMUP
+    assert ThreeLCState(sparsity=1.9).settings.sparsity_warmup == threelc.hooks.settings.DEFAULT_SPARSITY_WARMUP

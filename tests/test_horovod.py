@@ -273,7 +273,8 @@ def test_state_validation_and_pickling():
     state.iter = 7
     restored = pickle.loads(pickle.dumps(state))
     assert type(restored) is HorovodThreeLCState
-    assert (restored.sparsity, restored.transport, restored.start_iter, restored.iter) == (1.3, "sharded", 4, 7)
+    settings = restored.settings
+    assert (settings.sparsity, settings.transport, settings.start_iter, restored.iter) == (1.3, "sharded", 4, 7)
     assert restored.state_dict()["settings"] == state.state_dict()["settings"]
 
 

@@ -52,23 +52,23 @@ def same_encoded(a, b) -> bool:
 
 @st.composite
 def cases(draw, max_numel=3000):
-    lengths = draw(st.lists(st.one_of(st.sampled_from([0, 1, 4, 5, 6, 7, 64, 65]), st.integers(0, max_numel),
+    segments = draw(st.lists(st.one_of(st.sampled_from([0, 1, 4, 5, 6, 7, 64, 65]), st.integers(0, max_numel),
                                       st.integers(0, 120_000)), min_size=1, max_size=6))
-    numel = sum(lengths)
+    numel = sum(segments)
     dtype = draw(st.sampled_from(DTYPES))
     magnitude = draw(st.sampled_from([1.0, 1e-3, 1e-20, 1e-40, 1e30, 0.0]))
     seed = draw(st.integers(0, 2**31 - 1))
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(numel, generator=generator) * magnitude
     if numel and draw(st.booleans()):  # all-zero segments and exact zeros
-        x[: lengths[0]] = 0
+        x[: segments[0]] = 0
     if numel and draw(st.integers(0, 9)) == 0:
         x[draw(st.integers(0, numel - 1))] = draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]))
     residual = None
     if draw(st.booleans()):
         residual = torch.randn(numel, generator=generator) * draw(st.sampled_from([0.1, 1e-38, 1e-44]))
     sparsity = draw(st.one_of(st.sampled_from(SPARSITY_EDGES), st.floats(1.0, 1.999)))
-    return x.to(dtype), residual, Layout(lengths), sparsity
+    return x.to(dtype), residual, Layout(segments), sparsity
 
 
 def peer_payloads(layout, dtype, sparsity, count, seed):
@@ -128,12 +128,12 @@ def test_lanes_are_bit_identical(case, world, seed):
 
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.integers(0, 400), min_size=1, max_size=5), st.integers(2, 4), st.integers(0, 1000))
-def test_scattered_layouts_as_the_sharded_transport_cuts_them(lengths, world, seed):
+def test_scattered_layouts_as_the_sharded_transport_cuts_them(segments, world, seed):
     """Each server's pieces of every tensor, read from and written to their places in the bucket."""
     generator = torch.Generator().manual_seed(seed)
-    numel = sum(lengths)
+    numel = sum(segments)
     x, residual = torch.randn(numel, generator=generator), torch.randn(numel, generator=generator) * 0.1
-    pieces = [[n // world + (j < n % world) for j in range(world)] for n in lengths]
+    pieces = [[n // world + (j < n % world) for j in range(world)] for n in segments]
     starts, position = [], 0
     for row in pieces:
         starts.append([position + sum(row[:j]) for j in range(world)])
@@ -158,8 +158,8 @@ def test_large_tensors_on_every_thread_count(numel, sparsity, threads):
     torch.set_num_threads(threads)
     try:
         generator = torch.Generator().manual_seed(numel)
-        lengths = [numel // 3, 0, numel - numel // 3 - 7, 7]
-        layout = Layout(lengths)
+        segments = [numel // 3, 0, numel - numel // 3 - 7, 7]
+        layout = Layout(segments)
         x, residual = torch.randn(numel, generator=generator), torch.randn(numel, generator=generator) * 0.2
         a, b = TORCH.encode(x, residual, layout, sparsity), NATIVE.encode(x, residual, layout, sparsity)
         assert same_encoded(a, b)

@@ -103,14 +103,14 @@ def test_lanes_are_bit_identical(case, world, seed):
     assert same(out_a, out_b.cpu())
 
 
-@pytest.mark.parametrize("lengths", [[0], [1], [4, 5, 6], [1024, 1, 1025], [3000, 0, 7]])
+@pytest.mark.parametrize("segments", [[0], [1], [4, 5, 6], [1024, 1, 1025], [3000, 0, 7]])
 @pytest.mark.parametrize("zre", [True, False])
-def test_edges_of_chunks_blocks_and_runs(lengths, zre):
+def test_edges_of_chunks_blocks_and_runs(segments, zre):
     """Long zero runs (all-zero segments) across byte blocks, -0.0, and every residual path."""
-    generator = torch.Generator().manual_seed(sum(lengths))
-    layout = Layout(lengths)
+    generator = torch.Generator().manual_seed(sum(segments))
+    layout = Layout(segments)
     x = torch.randn(layout.numel, generator=generator)
-    x[: lengths[0]] = -0.0
+    x[: segments[0]] = -0.0
     residual = torch.randn(layout.numel, generator=generator) * 0.1
     for sparsity in (SPARSITY_EDGES[0], SPARSITY_EDGES[-1]):
         for r in (None, residual):

@@ -54,11 +54,11 @@ class TorchCodec(Codec):
         flat = x.reshape(-1)
         if layout.contiguous and flat.numel() == layout.numel:
             return flat
-        return torch.cat([flat[o:o + n] for o, n in zip(layout.offsets, layout.lengths)])
+        return torch.cat([flat[o:o + n] for o, n in zip(layout.offsets, layout.segments)])
 
     @staticmethod
     def _scatter(values: torch.Tensor, layout: Layout, out: torch.Tensor) -> None:
-        for piece, o, n in zip(values.split(list(layout.lengths)), layout.offsets, layout.lengths):
+        for piece, o, n in zip(values.split(list(layout.segments)), layout.offsets, layout.segments):
             out[o:o + n] = piece
 
     def _compensated(self, x, residual, layout):
@@ -68,7 +68,7 @@ class TorchCodec(Codec):
         return compensated
 
     def _store_residual(self, compensated, q, scales, layout, x, residual_out):
-        new = subtract_decoded(compensated, q, scales, list(layout.lengths))
+        new = subtract_decoded(compensated, q, scales, list(layout.segments))
         if layout.contiguous and x.numel() == layout.numel:
             return new if residual_out is None else residual_out.copy_(new)
         if residual_out is None:
@@ -78,29 +78,29 @@ class TorchCodec(Codec):
 
     def encode(self, x, residual, layout, sparsity, *, dtype=None, feedback=True, residual_out=None, zre=True):
         _check_input(x)
-        lengths = list(layout.lengths)
+        segments = list(layout.segments)
         compensated = self._compensated(x, residual, layout)
-        scales = scales_from_absmax(segment_absmax(compensated, lengths), sparsity)
+        scales = scales_from_absmax(segment_absmax(compensated, segments), sparsity)
         if not bool(torch.isfinite(scales).all()):
             return Encoded(torch.empty(0, dtype=torch.uint8, device=x.device), scales, None, False, 0)
-        q = quantize_with_scales(compensated, scales, lengths)
-        payload = encode_quantized(q, scales, lengths, dtype or x.dtype, zre=zre)
+        q = quantize_with_scales(compensated, scales, segments)
+        payload = encode_quantized(q, scales, segments, dtype or x.dtype, zre=zre)
         zeros = q.numel() - int(torch.count_nonzero(q))
         new = self._store_residual(compensated, q, scales, layout, x, residual_out) if feedback else None
         return Encoded(payload, scales, new, True, zeros)
 
     def decode(self, payloads, layout, out, *, average=True):
-        lengths = list(layout.lengths)
+        segments = list(layout.segments)
         total = torch.zeros(layout.numel, dtype=torch.float32, device=out.device) if average else None
         for index, payload in enumerate(payloads):
             try:
                 q, scales, header = decode_quantized(payload)
             except DecodeError as error:
                 raise payload_error(index, error) from error
-            if header.segments != lengths:
+            if header.segments != segments:
                 raise payload_error(index, f"describes {header.numel} elements in {len(header.segments)} segments; "
-                                            f"expected {layout.numel} in {len(lengths)}")
-            decoded = dequantize(q, scales, lengths)
+                                            f"expected {layout.numel} in {len(segments)}")
+            decoded = dequantize(q, scales, segments)
             if not average:
                 total = decoded
                 break
@@ -111,11 +111,11 @@ class TorchCodec(Codec):
         return out
 
     def absmax(self, x, residual, layout):
-        return segment_absmax(self._compensated(x, residual, layout), list(layout.lengths))
+        return segment_absmax(self._compensated(x, residual, layout), list(layout.segments))
 
     def encode_lanes(self, x, residual, layout, scales, world_size, *, feedback=True, residual_out=None):
         compensated = self._compensated(x, residual, layout)
-        q = quantize_with_scales(compensated, scales, list(layout.lengths))
+        q = quantize_with_scales(compensated, scales, list(layout.segments))
         words = pack_lanes(q, world_size)
         zeros = q.numel() - int(torch.count_nonzero(q))
         new = self._store_residual(compensated, q, scales, layout, x, residual_out) if feedback else None
@@ -123,7 +123,7 @@ class TorchCodec(Codec):
 
     def decode_lanes(self, words, layout, scales, world_size, out):
         sums = unpack_lane_sums(words, layout.numel, world_size)
-        self._scatter(dequantize(sums, scales, list(layout.lengths)).div_(world_size), layout, out)
+        self._scatter(dequantize(sums, scales, list(layout.segments)).div_(world_size), layout, out)
         return out
 
 
@@ -146,12 +146,12 @@ class NativeCodec(Codec):
 
     def encode(self, x, residual, layout, sparsity, *, dtype=None, feedback=True, residual_out=None, zre=True):
         x, residual, residual_out = self._prepare(x, residual, layout, feedback, residual_out)
-        lengths, offsets = layout.table()
-        count = len(layout.lengths)
+        segments, offsets = layout.table()
+        count = len(layout.segments)
         buffer = torch.empty(_native.payload_capacity(count, layout.numel), dtype=torch.uint8)
         scales = torch.empty(count, dtype=torch.float32)
         length, finite, zeros = _native.encode(
-            x.data_ptr(), DTYPE_CODES[x.dtype], _pointer(residual), _pointer(residual_out), lengths.data_ptr(),
+            x.data_ptr(), DTYPE_CODES[x.dtype], _pointer(residual), _pointer(residual_out), segments.data_ptr(),
             offsets.data_ptr(), count, float(sparsity), DTYPE_CODES[dtype or x.dtype], zre, buffer.data_ptr(),
             scales.data_ptr(), torch.get_num_threads())
         if not finite:
@@ -167,9 +167,9 @@ class NativeCodec(Codec):
             views.append(payload.reshape(-1).contiguous().cpu())
         pointers = torch.tensor([v.data_ptr() for v in views], dtype=torch.int64)
         sizes = torch.tensor([v.numel() for v in views], dtype=torch.int64)
-        lengths, offsets = layout.table()
-        status, message = _native.decode(pointers.data_ptr(), sizes.data_ptr(), len(views), lengths.data_ptr(),
-                                         offsets.data_ptr(), len(layout.lengths), out.data_ptr(), average,
+        segments, offsets = layout.table()
+        status, message = _native.decode(pointers.data_ptr(), sizes.data_ptr(), len(views), segments.data_ptr(),
+                                         offsets.data_ptr(), len(layout.segments), out.data_ptr(), average,
                                          torch.get_num_threads())
         if status:
             raise payload_error(status - 1, message)
@@ -179,19 +179,19 @@ class NativeCodec(Codec):
         _check_input(x)
         x = x.reshape(-1)
         self._check(x, layout)
-        lengths, offsets = layout.table()
-        out = torch.empty(len(layout.lengths), dtype=torch.float32)
-        _native.absmax(x.data_ptr(), DTYPE_CODES[x.dtype], _pointer(self._residual(residual, x)), lengths.data_ptr(),
-                       offsets.data_ptr(), len(layout.lengths), out.data_ptr(), torch.get_num_threads())
+        segments, offsets = layout.table()
+        out = torch.empty(len(layout.segments), dtype=torch.float32)
+        _native.absmax(x.data_ptr(), DTYPE_CODES[x.dtype], _pointer(self._residual(residual, x)), segments.data_ptr(),
+                       offsets.data_ptr(), len(layout.segments), out.data_ptr(), torch.get_num_threads())
         return out
 
     def encode_lanes(self, x, residual, layout, scales, world_size, *, feedback=True, residual_out=None):
         x, residual, new = self._prepare(x, residual, layout, feedback, residual_out)
         scales = scales.to(torch.float32).contiguous()
         words = torch.empty(word_count(layout.numel, world_size), dtype=torch.int64)
-        lengths, offsets = layout.table()
+        segments, offsets = layout.table()
         zeros = _native.encode_lanes(x.data_ptr(), DTYPE_CODES[x.dtype], _pointer(residual), _pointer(new),
-                                     lengths.data_ptr(), offsets.data_ptr(), len(layout.lengths), scales.data_ptr(),
+                                     segments.data_ptr(), offsets.data_ptr(), len(layout.segments), scales.data_ptr(),
                                      world_size, words.data_ptr(), torch.get_num_threads())
         return words, new, zeros
 
@@ -200,9 +200,9 @@ class NativeCodec(Codec):
         if words.dtype != torch.int64 or words.numel() != word_count(layout.numel, world_size):
             raise ConfigurationError(f"{words.numel()} words cannot hold {layout.numel} lanes for world size {world_size}")
         words, scales = words.contiguous(), scales.to(torch.float32).contiguous()
-        lengths, offsets = layout.table()
-        _native.decode_lanes(words.data_ptr(), scales.data_ptr(), lengths.data_ptr(), offsets.data_ptr(),
-                             len(layout.lengths), world_size, out.data_ptr(), torch.get_num_threads())
+        segments, offsets = layout.table()
+        _native.decode_lanes(words.data_ptr(), scales.data_ptr(), segments.data_ptr(), offsets.data_ptr(),
+                             len(layout.segments), world_size, out.data_ptr(), torch.get_num_threads())
         return out
 
 

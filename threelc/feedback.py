@@ -65,12 +65,12 @@ class ErrorFeedback:
         self._spares: dict[tuple, torch.Tensor] = {}
 
     @staticmethod
-    def _layout(key: Keys, lengths: list[int]) -> tuple[tuple, list[int]]:
+    def _layout(key: Keys, segments: list[int]) -> tuple[tuple, list[int]]:
         if isinstance(key, list):
-            if len(key) != len(lengths):
-                raise ConfigurationError(f"{len(key)} keys given for {len(lengths)} segments")
-            return tuple(key), lengths
-        return (key,), [sum(lengths)]
+            if len(key) != len(segments):
+                raise ConfigurationError(f"{len(key)} keys given for {len(segments)} segments")
+            return tuple(key), segments
+        return (key,), [sum(segments)]
 
     def residual(self, key: Keys, segments: Sequence[int], device: torch.device | str) -> torch.Tensor | None:
         """The residual of ``key``'s segments as one flat float32 tensor, or None if there is none.
@@ -124,13 +124,13 @@ class ErrorFeedback:
 
     def quantize(self, key: Keys, x: torch.Tensor, segments: Sequence[int] | None = None) -> Quantized:
         """Compensate and quantize; the new residual is returned, not stored."""
-        lengths = check_segments(segments, x.numel())
-        compensated = self.compensate(key, x, lengths)
-        q, scales = quantize(compensated, self.sparsity, lengths)
+        segments = check_segments(segments, x.numel())
+        compensated = self.compensate(key, x, segments)
+        q, scales = quantize(compensated, self.sparsity, segments)
         finite = bool(torch.isfinite(scales).all())
         residual = None
         if self.enabled and finite:
-            residual = subtract_decoded(compensated, q, scales, lengths)
+            residual = subtract_decoded(compensated, q, scales, segments)
         return Quantized(q, scales, finite, residual)
 
     def commit(self, key: Keys, residual: Quantized | torch.Tensor | None,

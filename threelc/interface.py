@@ -16,51 +16,51 @@ from .quantize import _check_input
 
 
 class Layout:
-    """Segments in payload order: ``lengths[s]`` elements at element ``offsets[s]`` of the tensor.
+    """Segments in payload order: ``segments[s]`` elements at element ``offsets[s]`` of the tensor.
 
     The offsets index the tensor that is read (encode) or written (decode); by default
     the segments lie end to end from 0. Layouts are immutable and hashable, so callers
     keep one per bucket.
     """
 
-    __slots__ = ("lengths", "offsets", "numel", "contiguous", "_table")
+    __slots__ = ("segments", "offsets", "numel", "contiguous", "_table")
 
-    def __init__(self, lengths: Sequence[int], offsets: Sequence[int] | None = None):
-        self.lengths = tuple(int(n) for n in lengths)
-        if not self.lengths or any(n < 0 for n in self.lengths):
-            raise ConfigurationError(f"a layout needs at least one non-negative length; got {list(self.lengths)}")
+    def __init__(self, segments: Sequence[int], offsets: Sequence[int] | None = None):
+        self.segments = tuple(int(n) for n in segments)
+        if not self.segments or any(n < 0 for n in self.segments):
+            raise ConfigurationError(f"a layout needs at least one non-negative length; got {list(self.segments)}")
         if offsets is None:
             starts, total = [], 0
-            for n in self.lengths:
+            for n in self.segments:
                 starts.append(total)
                 total += n
             offsets = starts
         self.offsets = tuple(int(o) for o in offsets)
-        if len(self.offsets) != len(self.lengths):
-            raise ConfigurationError(f"{len(self.offsets)} offsets for {len(self.lengths)} segments")
-        self.numel = sum(self.lengths)
-        ends = [o + n for o, n in zip(self.offsets, self.lengths)]
+        if len(self.offsets) != len(self.segments):
+            raise ConfigurationError(f"{len(self.offsets)} offsets for {len(self.segments)} segments")
+        self.numel = sum(self.segments)
+        ends = [o + n for o, n in zip(self.offsets, self.segments)]
         self.contiguous = self.offsets[0] == 0 and all(e == o for e, o in zip(ends, self.offsets[1:]))
         self._table = None
 
     def table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """int64 CPU tensors of lengths and offsets (for the native kernels), built once."""
         if self._table is None:
-            self._table = (torch.tensor(self.lengths, dtype=torch.int64), torch.tensor(self.offsets, dtype=torch.int64))
+            self._table = (torch.tensor(self.segments, dtype=torch.int64), torch.tensor(self.offsets, dtype=torch.int64))
         return self._table
 
     def extent(self) -> int:
         """Elements a tensor needs to hold every segment."""
-        return max((o + n for o, n in zip(self.offsets, self.lengths)), default=0)
+        return max((o + n for o, n in zip(self.offsets, self.segments)), default=0)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Layout) and (self.lengths, self.offsets) == (other.lengths, other.offsets)
+        return isinstance(other, Layout) and (self.segments, self.offsets) == (other.segments, other.offsets)
 
     def __hash__(self) -> int:
-        return hash((self.lengths, self.offsets))
+        return hash((self.segments, self.offsets))
 
     def __repr__(self) -> str:
-        return f"Layout(lengths={list(self.lengths)}, offsets={list(self.offsets)})"
+        return f"Layout(segments={list(self.segments)}, offsets={list(self.offsets)})"
 
 
 class Encoded(NamedTuple):

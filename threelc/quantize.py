@@ -39,15 +39,15 @@ def check_segments(segments: Sequence[int] | None, numel: int) -> list[int]:
     """Normalise ``segments`` (lengths of consecutive slices) to a list of ints."""
     if segments is None:
         return [numel]
-    lengths = [int(n) for n in segments]
-    if any(n < 0 for n in lengths) or sum(lengths) != numel:
+    segments = [int(n) for n in segments]
+    if any(n < 0 for n in segments) or sum(segments) != numel:
         raise ConfigurationError(
             f"segments must be non-negative lengths summing to numel={numel}; "
-            f"got {len(lengths)} lengths summing to {sum(lengths)}"
+            f"got {len(segments)} lengths summing to {sum(segments)}"
         )
-    if not lengths:
+    if not segments:
         raise ConfigurationError("segments must hold at least one length")
-    return lengths
+    return segments
 
 
 def _check_input(x: torch.Tensor) -> None:
@@ -63,11 +63,11 @@ def _absmax(values: torch.Tensor) -> torch.Tensor:
     return torch.maximum(low.abs(), high.abs()).float()
 
 
-def segment_absmax(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+def segment_absmax(flat: torch.Tensor, segments: list[int]) -> torch.Tensor:
     """max(|x|) of each segment as float32 (0 for an empty segment)."""
-    maxima = torch.zeros(len(lengths), dtype=torch.float32, device=flat.device)
+    maxima = torch.zeros(len(segments), dtype=torch.float32, device=flat.device)
     start = 0
-    for i, n in enumerate(lengths):
+    for i, n in enumerate(segments):
         if n:
             maxima[i] = _absmax(flat[start : start + n])
         start += n
@@ -88,14 +88,14 @@ def _canonical_nan(device: torch.device) -> torch.Tensor:
     return torch.tensor(CANONICAL_NAN_BITS, dtype=torch.int32, device=device).view(torch.float32)
 
 
-def per_element(values: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+def per_element(values: torch.Tensor, segments: list[int]) -> torch.Tensor:
     """Broadcastable per-element view of one value per segment."""
-    if len(lengths) == 1:
+    if len(segments) == 1:
         # Shape (1,), not (): a 0-dim tensor would not take part in type promotion,
         # and a bf16 input would then be compared against a bf16-rounded threshold.
         return values.reshape(1)
-    counts = torch.tensor(lengths, device=values.device)
-    return torch.repeat_interleave(values, counts, output_size=sum(lengths))
+    counts = torch.tensor(segments, device=values.device)
+    return torch.repeat_interleave(values, counts, output_size=sum(segments))
 
 
 def round_thresholds(scales: torch.Tensor) -> torch.Tensor:
@@ -125,13 +125,13 @@ def round_thresholds(scales: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(t.astype(np.float32)).to(scales.device)
 
 
-def quantize_with_scales(flat: torch.Tensor, scales: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+def quantize_with_scales(flat: torch.Tensor, scales: torch.Tensor, segments: list[int]) -> torch.Tensor:
     """round(x / scale) as int8, given float32 scales (one per segment) that bound |x|.
 
     Segments whose scale is 0 (all-zero input) or non-finite (NaN/inf input) give
     q = 0; dequantize then yields 0 and NaN respectively.
     """
-    threshold = per_element(round_thresholds(scales), lengths)
+    threshold = per_element(round_thresholds(scales), segments)
     # bool is one byte of 0/1, so the comparisons reinterpret as int8 without a copy.
     return torch.ge(flat, threshold).view(torch.int8) - torch.le(flat, -threshold).view(torch.int8)
 
@@ -152,9 +152,9 @@ def quantize(
     _check_input(x)
     sparsity = check_sparsity(sparsity)
     flat = x.reshape(-1)
-    lengths = check_segments(segments, flat.numel())
-    scales = scales_from_absmax(segment_absmax(flat, lengths), sparsity)
-    q = quantize_with_scales(flat, scales, lengths).reshape(x.shape)
+    checked = check_segments(segments, flat.numel())
+    scales = scales_from_absmax(segment_absmax(flat, checked), sparsity)
+    q = quantize_with_scales(flat, scales, checked).reshape(x.shape)
     return q, (scales.reshape(()) if segments is None else scales)
 
 
@@ -166,17 +166,17 @@ def dequantize(
 ) -> torch.Tensor:
     """``q * scale`` computed in float32 and returned as ``dtype`` (shape of ``q``)."""
     flat = q.reshape(-1)
-    lengths = check_segments(segments, flat.numel())
+    segments = check_segments(segments, flat.numel())
     scales = torch.as_tensor(scale, dtype=torch.float32, device=q.device).reshape(-1)
-    if scales.numel() != len(lengths):
-        raise ConfigurationError(f"{scales.numel()} scales given for {len(lengths)} segments")
+    if scales.numel() != len(segments):
+        raise ConfigurationError(f"{scales.numel()} scales given for {len(segments)} segments")
     # Convert, then scale in place: a mixed int8 * float32 multiply takes twice as long.
-    decoded = flat.to(torch.float32).mul_(per_element(scales, lengths))
+    decoded = flat.to(torch.float32).mul_(per_element(scales, segments))
     # 0 * inf would be NaN anyway; 0 * NaN too: a non-finite scale poisons its segment.
     return decoded.to(dtype).reshape(q.shape)
 
 
 def subtract_decoded(compensated: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
-                     lengths: list[int]) -> torch.Tensor:
+                     segments: list[int]) -> torch.Tensor:
     """``compensated -= q * scale`` in place (the new residual), without a decoded temporary."""
-    return compensated.addcmul_(q, per_element(scales, lengths), value=-1)
+    return compensated.addcmul_(q, per_element(scales, segments), value=-1)

@@ -62,10 +62,10 @@ def payload_size(num_segments: int, body_length: int) -> int:
     return HEADER_SIZE + SEGMENT_ENTRY_SIZE * num_segments + body_length
 
 
-def header_prefix(lengths: Sequence[int], dtype: torch.dtype, zre: bool, body_length: int) -> bytes:
+def header_prefix(segments: Sequence[int], dtype: torch.dtype, zre: bool, body_length: int) -> bytes:
     """The header and the segment lengths: every byte of a payload before its scales."""
-    return HEADER.pack(MAGIC, VERSION, DTYPE_CODES[dtype], FLAG_ZRE if zre else 0, 0, sum(lengths), body_length,
-                       len(lengths), 0) + np.asarray(lengths, dtype="<u8").tobytes()
+    return HEADER.pack(MAGIC, VERSION, DTYPE_CODES[dtype], FLAG_ZRE if zre else 0, 0, sum(segments), body_length,
+                       len(segments), 0) + np.asarray(segments, dtype="<u8").tobytes()
 
 
 def encode_quantized(
@@ -76,17 +76,17 @@ def encode_quantized(
     zre: bool = True,
 ) -> torch.Tensor:
     """Payload for ternary values ``q`` that were quantized with ``scale`` (one per segment)."""
-    lengths = check_segments(segments, q.numel())
+    segments = check_segments(segments, q.numel())
     scales = torch.as_tensor(scale, dtype=torch.float32, device=q.device).reshape(-1)
-    if scales.numel() != len(lengths):
-        raise ConfigurationError(f"{scales.numel()} scales given for {len(lengths)} segments")
+    if scales.numel() != len(segments):
+        raise ConfigurationError(f"{scales.numel()} scales given for {len(segments)} segments")
     body = pack_ternary(q.reshape(-1))
     if zre:
         body = zre_encode(body)
-    prefix = header_prefix(lengths, dtype, zre, body.numel())
+    prefix = header_prefix(segments, dtype, zre, body.numel())
     prefix_tensor = torch.frombuffer(bytearray(prefix), dtype=torch.uint8).to(q.device)
     # A fresh buffer: a strided view (even of one element) cannot be reinterpreted as bytes.
-    scale_bytes = torch.empty(len(lengths), dtype=torch.float32, device=q.device).copy_(scales).view(torch.uint8)
+    scale_bytes = torch.empty(len(segments), dtype=torch.float32, device=q.device).copy_(scales).view(torch.uint8)
     return torch.cat([prefix_tensor, scale_bytes, body])
 
 

@@ -46,7 +46,7 @@ def _chunk_table(layout, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(segment, payload position, tensor offset, count) per chunk of up to BLOCK elements, on ``device``."""
     segment, position, offset, count = [], [], [], []
     at = 0
-    for s, (n, o) in enumerate(zip(layout.lengths, layout.offsets)):
+    for s, (n, o) in enumerate(zip(layout.segments, layout.offsets)):
         for start in range(0, n, _BLOCK):
             segment.append(s)
             position.append(at + start)
@@ -68,7 +68,7 @@ def _exclusive_cumsum(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 def _prefix(layout, dtype: torch.dtype, zre: bool, device: torch.device) -> torch.Tensor:
     """The header and segment table on ``device``, built once (the body length is written per payload)."""
     n5 = packed_length(layout.numel)
-    return torch.frombuffer(bytearray(header_prefix(layout.lengths, dtype, zre, 0 if zre else n5)),
+    return torch.frombuffer(bytearray(header_prefix(layout.segments, dtype, zre, 0 if zre else n5)),
                             dtype=torch.uint8).to(device)
 
 
@@ -76,7 +76,7 @@ def _prefix(layout, dtype: torch.dtype, zre: bool, device: torch.device) -> torc
 def _segment_table(layout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """int64 payload starts and tensor offsets of the segments, on ``device``."""
     starts = [0]
-    for n in layout.lengths[:-1]:
+    for n in layout.segments[:-1]:
         starts.append(starts[-1] + n)
     return (torch.tensor(starts, dtype=torch.int64).to(device),
             torch.tensor(layout.offsets, dtype=torch.int64).to(device))
@@ -106,7 +106,7 @@ class TritonCodec(Codec):
 
     def _absmax(self, x, residual, layout, table) -> torch.Tensor:
         chunks = table[0].numel()
-        maxima = torch.zeros(len(layout.lengths), dtype=torch.int32, device=x.device)
+        maxima = torch.zeros(len(layout.segments), dtype=torch.int32, device=x.device)
         if chunks:
             per_chunk = torch.empty(chunks, dtype=torch.int32, device=x.device)
             K.absmax_kernel[(chunks,)](_elements(x), x if residual is None else residual, *table, per_chunk,
@@ -160,7 +160,7 @@ class TritonCodec(Codec):
 
     def encode(self, x, residual, layout, sparsity, *, dtype=None, feedback=True, residual_out=None, zre=True):
         x, residual, residual_out = self._prepare(x, residual, layout, feedback, residual_out)
-        device, count, numel = x.device, len(layout.lengths), layout.numel
+        device, count, numel = x.device, len(layout.segments), layout.numel
         table = _chunk_table(layout, device)
         scales = scales_from_absmax(self._absmax(x, residual, layout, table), sparsity)
         finite = torch.isfinite(scales).all().to(torch.int32)
@@ -209,7 +209,7 @@ class TritonCodec(Codec):
 
     def decode(self, payloads, layout, out, *, average=True):
         self._check_decode(payloads, layout, out, average)
-        device, count, numel = out.device, len(layout.lengths), layout.numel
+        device, count, numel = out.device, len(layout.segments), layout.numel
         n5 = packed_length(numel)
         prefix_size, body_offset = HEADER_SIZE + 8 * count, HEADER_SIZE + SEGMENT_ENTRY_SIZE * count
         views = []
@@ -244,7 +244,7 @@ class TritonCodec(Codec):
                                       if s == count else b"")
             except DecodeError as error:
                 raise payload_error(index, error) from error
-            if header.segments != list(layout.lengths):
+            if header.segments != list(layout.segments):
                 raise payload_error(index, f"describes {header.numel} elements in {len(header.segments)} "
                                             f"segments; expected {numel} in {count}")
             if verdicts[index]:
