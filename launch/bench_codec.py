@@ -1,6 +1,6 @@
 """Codec benchmark: each backend beside memcpy in the same run, and bits per element.
 
-    python launch/bench_codec.py                 # CPU, writes results/codec.json
+    python launch/bench_codec.py                 # CPU, writes launch/results/codec.json
     python launch/bench_codec.py --device cuda   # the same on a GPU
     python launch/bench_codec.py --profile       # where 1M-element encode+decode spends its time
 
@@ -43,7 +43,7 @@ import torch
 
 import threelc
 from threelc.backends import NATIVE, TORCH, Layout, triton_codec
-from launch import models
+from launch.common import models
 
 SIZES = (1_000_000, 26_000_000)
 THROUGHPUT_SPARSITIES = (1.0, 1.9)
@@ -229,7 +229,7 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--steps", type=int, default=300, help="training steps for the gradient bits")
-    parser.add_argument("--out", default="results/codec.json")
+    parser.add_argument("--out", default="launch/results/codec.json")
     parser.add_argument("--profile", action="store_true", help="only print the encode+decode profile")
     parser.add_argument("--bandwidth", type=float, help="the card's memory bandwidth in GB/s (CUDA)")
     parser.add_argument("--no-bits", action="store_true", help="skip the bits-per-element rows (and their training)")

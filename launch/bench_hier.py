@@ -1,7 +1,7 @@
 """Issue 12's benchmark: hierarchical 3LC against flat 3LC, DDP, fp16 and PowerSGD on netlab.
 
     sudo flock /tmp/threelc_timing.lock python launch/bench_hier.py            # 2 and 4 nodes x 2
-    sudo python launch/bench_hier.py --nodes 2 --steps 5 --out results/x.json  # one layout
+    sudo python launch/bench_hier.py --nodes 2 --steps 5 --out launch/results/x.json  # one layout
 
 Every cell runs launch/train.py (mlp-wide) in ``--nodes`` namespaces of
 ``--procs-per-node`` processes, joined by ``--rate`` links, and records the bytes
@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch.netlab import run_lab
+from launch.testbed.lab import run_lab
 
 FLAT = ("allgather", "sharded")
 VARIANTS = [("none", []), ("fp16", []), ("powersgd", ["--powersgd-rank", "2"])] + [
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--sparsity", type=float, default=1.9)
     p.add_argument("--variants", nargs="+", default=[v for v, _ in VARIANTS])
     p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--out", default="results/bench_hier.json")
+    p.add_argument("--out", default="launch/results/bench_hier.json")
     a = p.parse_args(argv)
     cells = []
     for nodes in a.nodes:

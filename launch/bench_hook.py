@@ -7,7 +7,7 @@ Runs launch/train.py under ``torchrun --standalone`` once per configuration (hoo
 none, then threelc with every transport at each sparsity), all in one invocation,
 and prints bytes one rank hands to collectives per compressed step, the ratio to
 the uncompressed all-reduce measured in the same invocation, and the final test
-accuracy. Writes results/bench_hook.json.
+accuracy. Writes launch/results/bench_hook.json.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch.runner import RunError, run_standalone
+from launch.common.runner import RunError, run_standalone
 from threelc.hooks import FLAT_TRANSPORTS
 
 TRANSPORTS = FLAT_TRANSPORTS
@@ -34,7 +34,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[1.0, 1.9])
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train.py flags")
-    parser.add_argument("--out", default="results/bench_hook.json")
+    parser.add_argument("--out", default="launch/results/bench_hook.json")
     args = parser.parse_args(argv)
 
     common = ["--model", args.model, "--steps", str(args.steps), "--no-progress", *args.extra]

@@ -1,7 +1,7 @@
 """Network benchmark (issue 4): every hook on shaped links, in one invocation.
 
-    sudo python launch/bench_net.py                  # the full matrix -> results/bench_net.{json,png,md}
-    sudo python launch/bench_net.py --quick          # 2 nodes, few cells, few steps -> results/raw/
+    sudo python launch/bench_net.py                  # the full matrix -> launch/results/bench_net.{json,png,md}
+    sudo python launch/bench_net.py --quick          # 2 nodes, few cells, few steps -> launch/results/raw/
     sudo python launch/bench_net.py --dry-run        # print the plan (cells, steps) and exit
 
 Each *cell* is one launch/netlab.py run (``run_lab``): N network namespaces on a
@@ -66,9 +66,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch.bench_net_plan import HOOKS, MODELS, QUICK, RATES, SPARSITIES, TRANSPORTS, plan, variants
-from launch.bench_net_report import field, write_outputs
-from launch.runner import REPO
+from launch.bench.plan import HOOKS, MODELS, QUICK, RATES, SPARSITIES, TRANSPORTS, plan, variants
+from launch.bench.report import field, write_outputs
+from launch.common.runner import REPO
 
 # ----------------------------------------------------------------------------- command line
 
@@ -113,9 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds per node for a powersgd-multibucket cell (its collectives time out after 30 s)")
     p.add_argument("--quick", action="store_true",
                    help="development run: 2 nodes, unlimited+100mbit, sparsity 1.9, 40/6 steps, "
-                        "output under results/raw/")
-    p.add_argument("--out", default=None, help="output prefix (default results/bench_net, "
-                                               "--quick: results/raw/bench_net_quick)")
+                        "output under launch/results/raw/")
+    p.add_argument("--out", default=None, help="output prefix (default launch/results/bench_net, "
+                                               "--quick: launch/results/raw/bench_net_quick)")
     p.add_argument("--resume", default=None, metavar="JSON", help="reuse the ok cells of this earlier output")
     p.add_argument("--no-profile", action="store_true", help="skip the loopback codec profile")
     p.add_argument("--profile-only", action="store_true",
@@ -137,7 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.profile_only and not a.resume:
         p.error("--profile-only merges into an earlier output: give --resume JSON")
     default_out = str(Path(a.resume).with_suffix("")) if a.profile_only else (
-        "results/raw/bench_net_quick" if a.quick else "results/bench_net")
+        "launch/results/raw/bench_net_quick" if a.quick else "launch/results/bench_net")
     a.out = a.out or default_out
     bad = [h for h in a.hooks if h not in HOOKS] + [t for t in a.transports if t not in TRANSPORTS]
     if bad:
@@ -213,7 +213,7 @@ def summarize_error(text: str) -> str:
 
 
 def run_cell(cell: dict, a, log_root: Path) -> dict:
-    from launch.netlab import LabError, run_lab
+    from launch.testbed.lab import LabError, run_lab
 
     multibucket = cell["variant"] == "powersgd-multibucket"
     timeout = a.fail_timeout * cell["nodes"] if multibucket else a.timeout
@@ -246,8 +246,8 @@ def _profile_worker(rank: int, world: int, port: int, jobs: list[dict], out: str
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from launch import models
-    from launch.comm import setup_comm
+    from launch.common import models
+    from launch.common.schemes import register_scheme
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -273,14 +273,14 @@ def _profile_worker(rank: int, world: int, port: int, jobs: list[dict], out: str
                 rows.append({**job, "rank": rank, "step_time_s": statistics.fmean(times[warm:])})
                 continue
             ddp = DDP(task.model)
-            comm = setup_comm(ddp, job["hook"], sparsity=job.get("sparsity") or 1.0,
+            meter = register_scheme(ddp, job["hook"], sparsity=job.get("sparsity") or 1.0,
                               sparsity_warmup=job.get("sparsity_warmup"),
                               transport=job.get("transport") or "allgather", start_iter=2)
             opt = task.make_optimizer(ddp.parameters())
             times, snap = [], None
             for step in range(steps):
-                if step == warm and comm.state is not None:
-                    snap = dict(comm.state.stats)
+                if step == warm and meter.state is not None:
+                    snap = dict(meter.state.stats)
                 x, y = task.train_batch(rank, world, step)
                 t0 = time.perf_counter()
                 loss = task.loss_fn(ddp(x), y)
@@ -289,17 +289,17 @@ def _profile_worker(rank: int, world: int, port: int, jobs: list[dict], out: str
                 opt.step()
                 times.append(time.perf_counter() - t0)
             row = {**job, "rank": rank, "step_time_s": statistics.fmean(times[warm:])}
-            if comm.state is not None:
-                end, n = comm.state.stats, steps - warm
+            if meter.state is not None:
+                end, n = meter.state.stats, steps - warm
                 row.update(encode_s=(end["encode_seconds"] - snap["encode_seconds"]) / n,
                            decode_s=(end["decode_seconds"] - snap["decode_seconds"]) / n,
                            bytes_sent=(end["bytes_sent"] - snap["bytes_sent"]) / n,
                            bytes_received=(end["bytes_received"] - snap["bytes_received"]) / n,
                            zero_fraction=end["last_step"]["zero_fraction"])
-            comm.close()
+            meter.close()
             dist.barrier()
             rows.append(row)
-            del ddp, comm, opt
+            del ddp, meter, opt
         Path(f"{out}.rank{rank}.json").write_text(json.dumps(rows))
     finally:
         dist.destroy_process_group()
@@ -415,7 +415,7 @@ def main(argv=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _exit_on_signal)
 
-    from launch.netlab import cleanup_stale, preflight
+    from launch.testbed.lab import cleanup_stale, preflight
 
     out = Path(a.out) if Path(a.out).is_absolute() else REPO / a.out
     command = " ".join(["python", "launch/bench_net.py", *map(shlex.quote, argv)])  # as root, from the repo root

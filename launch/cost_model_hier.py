@@ -9,8 +9,8 @@ rank inside a node:
 * time = alpha x (messages in sequence) + (bytes into the busiest node) / B
   + intra-node bytes / beta_intra + codec time (encode and decode per element);
 * a payload of n values is ``n x bits / 8`` bytes; ``bits`` per value and the codec's
-  nanoseconds per value come from results/ (``--codec``: results/codec.json, the native
-  codec single-threaded at sparsity 1.9, 26M values; ``--bench``: results/bench_hier.json,
+  nanoseconds per value come from launch/results/ (``--codec``: launch/results/codec.json, the native
+  codec single-threaded at sparsity 1.9, 26M values; ``--bench``: launch/results/bench_hier.json,
   the hierarchical cells' bytes on the shaped links, which fix the wire bits per value with
   every header and TCP/IP overhead included);
 * flat allgather: each node takes in the N - L payloads of the other nodes, each rank
@@ -146,8 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--alpha-us", type=float, default=15.0, help="latency of one inter-node message")
     p.add_argument("--alpha-intra-us", type=float, default=5.0, help="latency of one intra-node message")
     p.add_argument("--intra-gbytes", type=float, default=100.0, help="intra-node bandwidth per rank, GB/s")
-    p.add_argument("--codec", default=str(REPO / "results" / "codec.json"))
-    p.add_argument("--bench", default=str(REPO / "results" / "bench_hier.json"))
+    p.add_argument("--codec", default=str(REPO / "launch" / "results" / "codec.json"))
+    p.add_argument("--bench", default=str(REPO / "launch" / "results" / "bench_hier.json"))
     p.add_argument("--bench-numel", type=int, default=5_283_850, help="values of the benchmark model (mlp-wide)")
     a = p.parse_args(argv)
     print(table(a, calibrate(Path(a.codec), Path(a.bench) if a.bench else None, a.bench_numel)))

@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch.runner import RunError, run_standalone
+from launch.common.runner import RunError, run_standalone
 
 
 def _fmt_bytes(n: float | None) -> str:

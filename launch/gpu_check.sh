@@ -6,10 +6,10 @@
 #   2. bench_codec --device cuda: GB/s of the least bytes each operation moves, against
 #      the card's memory bandwidth (the figure and its source are printed);
 #   3. a 1-rank NCCL DDP run of the hook, 2+ buckets, checked against the reference.
-# Usage: bash launch/gpu_check.sh   (from any directory; results in results/gpu_check/)
+# Usage: bash launch/gpu_check.sh   (from any directory; results in launch/results/gpu_check/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=results/gpu_check
+out=launch/results/gpu_check
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # the real kernels
@@ -30,5 +30,5 @@ echo "== bench_codec --device cuda"
 timeout 150 python3 launch/bench_codec.py --device cuda --repeats 5 --no-bits --out "$out/codec.json"
 
 echo "== 1-rank NCCL DDP"
-timeout 90 python3 launch/gpu_ddp_check.py cuda
+timeout 90 python3 launch/tools/gpu_ddp_check.py cuda
 echo "gpu_check: passed in $(( $(date +%s) - start )) s"

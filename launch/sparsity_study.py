@@ -26,7 +26,8 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch import models
+from launch.common import models
+from threelc.hooks import FLAT_TRANSPORTS
 from threelc.quantize import dequantize, quantize, quantize_with_scales, scales_from_absmax
 
 
@@ -79,7 +80,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="digits-cnn", choices=sorted(models.TASKS))
     p.add_argument("--world", type=int, default=2)
-    p.add_argument("--transport", default="allgather", choices=["allgather", "allreduce", "sharded", "none"])
+    p.add_argument("--transport", default="allgather", choices=[*FLAT_TRANSPORTS, "none"])
     p.add_argument("--sparsity", type=float, default=1.9)
     p.add_argument("--warmup", type=int, default=100, help="compressed steps of the linear ramp from 1.0")
     p.add_argument("--steps", type=int, default=300)

@@ -12,7 +12,7 @@ Several machines (one agent per node)::
 
 Backend: NCCL when CUDA is available (one GPU per local rank), else gloo;
 ``--device cpu`` forces gloo on a GPU machine.  At the end rank 0 prints one
-JSON line (nothing else on that line; launch/loop.py's ``result_line`` has the fields)
+JSON line (nothing else on that line; launch/common/loop.py's ``result_line`` has the fields)
 and, with ``--json PATH``, writes the same object to a file.
 
 Averages (``mean_step_time_s``, ``bytes_per_step``, ...) skip the first
@@ -50,11 +50,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from launch import checkpoint
-from launch.args import parse_args
-from launch.comm import setup_comm
-from launch.gather import all_gather_rows
-from launch.loop import build_task, cross_rank, emit, restore_checkpoint, result_line, run_steps
+from launch.common import checkpoint
+from launch.common.args import parse_args
+from launch.common.schemes import register_scheme
+from launch.common.gather import all_gather_rows
+from launch.common.loop import build_task, cross_rank, emit, restore_checkpoint, result_line, run_steps
 
 def init_distributed(args) -> tuple[int, int, torch.device]:
     """Join the torchrun job; pick backend and device without caring which we run on."""
@@ -136,7 +136,7 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict | None:
     # DDP's rebuild); a resumed one compresses from its first step.
     if args.hook in BUCKET_KEYED_HOOKS and ckpt is not None and not args.no_prime_buckets:
         prime_buckets(ddp, task, rank, world, start_step, device)
-    comm = setup_comm(ddp, args.hook, sparsity=args.sparsity, sparsity_warmup=args.sparsity_warmup,
+    meter = register_scheme(ddp, args.hook, sparsity=args.sparsity, sparsity_warmup=args.sparsity_warmup,
                       transport=args.transport,
                       start_iter=args.start_iter, error_feedback=not args.no_error_feedback,
                       powersgd_rank=args.powersgd_rank, seed=args.seed,
@@ -144,23 +144,23 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict | None:
     opt = task.make_optimizer(ddp.parameters(), lr=args.lr, kind=args.optimizer)
 
     if ckpt is not None:
-        restore_checkpoint(ckpt, opt, comm, world, rank, device, "train")
+        restore_checkpoint(ckpt, opt, meter, world, rank, device, "train")
         del ckpt
 
     def save(step: int) -> None:
-        checkpoint.save(args.checkpoint, step=step, model=ddp.module, optimizer=opt, comm=comm, device=device,
+        checkpoint.save(args.checkpoint, step=step, model=ddp.module, optimizer=opt, meter=meter, device=device,
                         meta=meta)
 
-    run = run_steps(args, task, ddp, ddp.module, opt, comm, rank=rank, world=world, device=device,
+    run = run_steps(args, task, ddp, ddp.module, opt, meter, rank=rank, world=world, device=device,
                     start_step=start_step, desc=f"{args.model}/{args.hook}",
                     zero_grad=lambda: opt.zero_grad(set_to_none=True), save=save)
     # all_gather_rows returns once gloo has let go of its tensors, so we may exit right after.
     train_loss, wire = cross_rank(args, run, lambda row: all_gather_rows(row, device), world)
-    comm.close()  # all communication is done; park the hook's thread before exit
+    meter.close()  # all communication is done; park the hook's thread before exit
     if rank != 0:
         return None
     result = result_line(args, task, run, world=world, final=task.evaluate(ddp.module), train_loss=train_loss,
-                         wire=wire, num_params=comm.numel, backend=dist.get_backend(), bucket_cap_mb=bucket_cap_mb,
+                         wire=wire, num_params=meter.numel, backend=dist.get_backend(), bucket_cap_mb=bucket_cap_mb,
                          powersgd_rank=args.powersgd_rank if "powersgd" in args.hook else None)
     emit(args, result, ddp.module)
     return result
@@ -172,7 +172,7 @@ def exit_now(code: int = 0) -> None:
     On torch 2.13 a gloo worker thread can still be letting go of a finished
     collective's tensors (a comm hook's, DDP's) when Python starts finalizing;
     the release needs the GIL, cannot get it, and the process aborts with
-    SIGABRT after a successful run (launch/gather.py has the details; DDP keeps
+    SIGABRT after a successful run (launch/common/gather.py has the details; DDP keeps
     the process group's threads alive past destroy_process_group, so they
     cannot be joined first). Everything of ours is already closed or flushed
     here, so teardown has nothing left to do.

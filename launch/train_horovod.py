@@ -3,7 +3,7 @@
     horovodrun -np 2 -H localhost:2 --gloo python launch/train_horovod.py \\
         --model digits-cnn --hook threelc --sparsity 1.75 --steps 300
 
-The flags are launch/train.py's (launch/args.py), and rank 0 prints
+The flags are launch/train.py's (launch/common/args.py), and rank 0 prints
 the same final JSON line (plus ``"framework": "horovod"``). ``--hook`` takes
 
 * ``none``: ``hvd.DistributedOptimizer`` (fp32 all-reduce, Horovod's tensor fusion),
@@ -13,7 +13,7 @@ the same final JSON line (plus ``"framework": "horovod"``). ``--hook`` takes
   sets its own bucket size, default 4 MB).
 
 Flags only DDP or PowerSGD use (``--powersgd-rank``, ``--no-prime-buckets``,
-``--dist-timeout``) are accepted and ignored. ``--checkpoint`` writes launch/checkpoint.py's
+``--dist-timeout``) are accepted and ignored. ``--checkpoint`` writes launch/common/checkpoint.py's
 format (every rank's RNG and 3LC state gathered to rank 0), so ``--steps`` can be
 raised and the run resumed bit-exactly. train.py can hand over with ``run(args)``.
 """
@@ -28,10 +28,10 @@ if __package__ in (None, ""):  # run as a script (horovodrun python launch/train
 
 import torch
 
-from launch import checkpoint
-from launch.comm import Comm
-from launch.loop import build_task, cross_rank, emit, restore_checkpoint, result_line, run_steps
-from launch.args import parse_args
+from launch.common import checkpoint
+from launch.common.meter import ByteMeter
+from launch.common.loop import build_task, cross_rank, emit, restore_checkpoint, result_line, run_steps
+from launch.common.args import parse_args
 
 HOOKS = ("none", "fp16", "threelc")
 
@@ -59,8 +59,8 @@ def wrap_optimizer(hvd, hook: str, base, named_parameters, args):
                                     op=hvd.Average)
 
 
-def save_checkpoint(hvd, path: str, *, step: int, model, optimizer, meter: Comm, device, meta: dict) -> None:
-    """launch/checkpoint.py's layout, gathered with Horovod. Collective: every rank calls it."""
+def save_checkpoint(hvd, path: str, *, step: int, model, optimizer, meter: ByteMeter, device, meta: dict) -> None:
+    """launch/common/checkpoint.py's layout, gathered with Horovod. Collective: every rank calls it."""
     mine = {"rng": checkpoint.capture_rng(device), "hook": checkpoint.to_cpu(meter.state_dict())}
     ranks = hvd.allgather_object(mine, name=f"train_horovod.checkpoint.{step}")
     if hvd.rank() == 0:
@@ -100,7 +100,7 @@ def _train(args, hvd, rank: int, world: int, device: torch.device) -> dict | Non
     opt = wrap_optimizer(hvd, args.hook, base, model.named_parameters(), args)
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     threelc = args.hook == "threelc"
-    meter = Comm(args.hook, numel, opt.threelc if threelc else None,
+    meter = ByteMeter(args.hook, numel, opt.threelc if threelc else None,
                  bytes_per_element=None if threelc else (2 if args.hook == "fp16" else 4))
     if ckpt is not None:
         restore_checkpoint(ckpt, opt, meter, world, rank, device, "train_horovod")

@@ -174,7 +174,7 @@ DIGITS_THREELC = {"sparsity": 1.0, "transport": "allgather", "start_iter": 2}
 
 def digits_run(hvd, kind, steps=DIGITS_STEPS, **settings):
     sys.path.insert(0, str(REPO))
-    from launch import models
+    from launch.common import models
     from threelc.hooks.horovod import DistributedOptimizer
 
     rank, world = hvd.rank(), hvd.size()

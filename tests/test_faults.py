@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 import threelc
-from launch.runner import REPO, parse_result, torchrun_cmd, worker_env
+from launch.common.runner import REPO, parse_result, torchrun_cmd, worker_env
 from threelc.hooks import ThreeLCState, threelc_hook
 from threelc.hooks.collectives import Collectives, Pending
 from threelc.hooks.transports import TRANSPORTS
@@ -522,7 +522,7 @@ def _rss_bytes():
 
 
 def long_run(rank, world, steps, warm):
-    from launch import models
+    from launch.common import models
 
     task = models.build("digits-cnn", seed=0)
     ddp = DDP(task.model)

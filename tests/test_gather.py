@@ -1,7 +1,7 @@
-"""launch/gather.py: the end-of-run gather returns only once gloo has let go of its tensors.
+"""launch/common/gather.py: the end-of-run gather returns only once gloo has let go of its tensors.
 
 A gloo worker drops a finished collective's tensors just after ``wait()``
-returns; a process that exits in that moment aborts (see launch/gather.py).
+returns; a process that exits in that moment aborts (see launch/common/gather.py).
 The 2-rank test checks, many times over, that no tensor of the gather is
 still held when ``all_gather_rows`` returns, which a plain ``all_gather``
 does not guarantee.
@@ -19,7 +19,8 @@ import torch
 from ranks import all_ok, run_ranks
 
 
-from launch import gather
+from launch.common import gather
+from launch.testbed import iface
 
 
 class _Blob:
@@ -46,13 +47,13 @@ def test_wait_released_gives_up_at_the_timeout():
 
 @pytest.mark.parametrize("name", [None, "veth0", "x" * 15, "é"])
 def test_name_round_trip(name):
-    values = gather.encode_name(name, 16)
-    assert len(values) == 16 and gather.decode_name(values) == name
+    values = iface.encode_name(name, 16)
+    assert len(values) == 16 and iface.decode_name(values) == name
 
 
 def test_name_too_long():
     with pytest.raises(ValueError, match="longer than 16 bytes"):
-        gather.encode_name("x" * 17, 16)
+        iface.encode_name("x" * 17, 16)
 
 
 def _gather_many(rank, world, rounds):

@@ -12,7 +12,7 @@ from threelc.hooks import FLAT_TRANSPORTS, ThreeLCState, threelc_hook
 
 from ranks import all_ok, run_ranks
 
-from launch import models
+from launch.common import models
 
 TRANSPORTS = FLAT_TRANSPORTS
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 
-from launch.runner import REPO, worker_env
+from launch.common.runner import REPO, worker_env
 
 EXAMPLES = REPO / "launch" / "examples"
 STEPS, START_ITER = 8, 2  # the examples' max_steps and ThreeLCState's default start_iter

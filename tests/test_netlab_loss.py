@@ -1,7 +1,7 @@
 """Lossy links on the testbed: 2% of packets dropped on every node's veth (nftables).
 
 Skipped unless running as root with iproute2 and nftables (``ip``, ``tc``, ``nft``).
-This kernel has no ``sch_netem``, so loss is an nftables rule (launch/netloss.py) and
+This kernel has no ``sch_netem``, so loss is an nftables rule (launch/testbed/netloss.py) and
 delay cannot be emulated. TCP retransmits what is dropped, so a run on the lossy link
 must end with exactly the parameters of the run on a clean link; ``-s`` prints the
 slowdown. About 10 s per run, 4 runs.
@@ -19,7 +19,7 @@ import torch
 if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("ip", "tc", "nft")):
     pytest.skip("lossy links need root, iproute2 (ip, tc) and nftables (nft)", allow_module_level=True)
 
-from launch.netlab import run_lab
+from launch.testbed.lab import run_lab
 
 TRAIN = ["--model", "digits-cnn", "--steps", "30", "--warmup-steps", "3", "--seed", "1"]
 HOOKS = {"none": ["--hook", "none"], "threelc": ["--hook", "threelc", "--sparsity", "1.0", "--transport", "allgather"]}

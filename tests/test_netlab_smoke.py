@@ -16,7 +16,7 @@ import pytest
 if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
     pytest.skip("netlab needs root and iproute2 (ip, tc)", allow_module_level=True)
 
-from launch.netlab import _existing_namespaces, run_lab
+from launch.testbed.lab import existing_namespaces, run_lab
 
 TRAIN = ["--model", "digits-cnn", "--steps", "8", "--warmup-steps", "3", "--seed", "1"]
 
@@ -24,7 +24,7 @@ TRAIN = ["--model", "digits-cnn", "--steps", "8", "--warmup-steps", "3", "--seed
 def _lab(hook_args: list[str]) -> dict:
     res = run_lab(TRAIN + hook_args, nodes=2, rate="1gbit", timeout=120)
     prefix = res["lab"]["prefix"]
-    assert not any(n.startswith(prefix) for n in _existing_namespaces()), "namespaces left behind"
+    assert not any(n.startswith(prefix) for n in existing_namespaces()), "namespaces left behind"
     return res
 
 
@@ -77,6 +77,6 @@ def test_two_processes_per_node_hierarchical_keeps_bytes_off_the_links():
         res = run_lab(TRAIN + ["--hook", "threelc", "--sparsity", "1.75", "--transport", transport],
                       nodes=2, rate="1gbit", timeout=240, procs_per_node=2)
         assert res["train"]["world_size"] == 4 and res["lab"]["procs_per_node"] == 2
-        assert not any(n.startswith(res["lab"]["prefix"]) for n in _existing_namespaces())
+        assert not any(n.startswith(res["lab"]["prefix"]) for n in existing_namespaces())
         runs[transport] = res["wire"]["tx_bytes_per_step_steady"]
     assert runs["hierarchical"] < 0.7 * runs["allgather"], runs

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 
-from launch import models
-from launch.runner import run_standalone
+from launch.common import models
+from launch.common.runner import run_standalone
 
 DIGITS_PARAMS = 38282  # DigitsCNN
 BASE = ["--model", "digits-cnn", "--seed", "7", "--no-progress"]
@@ -114,7 +114,7 @@ def test_resume_refuses_other_run(tmp_path):
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"format": 1, "step": 3, "world_size": 2, "meta": {"model": "charlm", "seed": 7,
                 "batch_size": 64, "hook": "none"}, "model": {}, "optimizer": {}, "ranks": [None, None]}, ckpt)
-    from launch.runner import RunError
+    from launch.common.runner import RunError
 
     with pytest.raises(RunError, match="different run"):
         run_standalone(BASE + ["--hook", "none", "--steps", "6", "--checkpoint", str(ckpt)], timeout=300)

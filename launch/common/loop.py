@@ -23,11 +23,8 @@ from typing import Callable
 
 import torch
 
-from launch import checkpoint, models
-from launch.gather import decode_name, encode_name
-
-IFNAMSIZ = 16  # Linux: an interface name is at most 15 bytes plus the NUL
-
+from launch.common import checkpoint, models
+from launch.testbed.iface import IFNAMSIZ, decode_name, encode_name, read_iface
 
 def _task_options(pairs: list[str]) -> dict:
     out = {}
@@ -61,18 +58,6 @@ def build_task(args, rank: int, world: int, device: torch.device, who: str):
                   f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '-')}, time {time.time():.3f})",
                   file=sys.stderr, flush=True)
     return task, meta, ckpt, start_step
-
-
-def read_iface(iface: str | None) -> dict | None:
-    """tx/rx byte counters of ``iface`` as seen from this process's netns."""
-    if not iface:
-        return None
-    base = f"/sys/class/net/{iface}/statistics"
-    try:
-        with open(f"{base}/tx_bytes") as t, open(f"{base}/rx_bytes") as r:
-            return {"tx": int(t.read()), "rx": int(r.read())}
-    except OSError:
-        return None
 
 
 def sync(device: torch.device) -> None:

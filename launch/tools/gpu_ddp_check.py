@@ -1,7 +1,7 @@
 """One-rank NCCL DDP run of the threelc hook on CUDA, checked against the reference codec.
 
-    python launch/gpu_ddp_check.py            # needs one CUDA device (launch/gpu_check.sh)
-    python launch/gpu_ddp_check.py cpu        # the same logic over gloo on the CPU
+    python launch/tools/gpu_ddp_check.py            # needs one CUDA device (launch/gpu_check.sh)
+    python launch/tools/gpu_ddp_check.py cpu        # the same logic over gloo on the CPU
 
 A two-layer model with a small ``bucket_cap_mb`` gives DDP two or more buckets. For each
 transport, the first compressed step's (the second, after DDP's bucket rebuild) averaged gradient of every bucket must equal,
@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 import torch.distributed as dist

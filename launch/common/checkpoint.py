@@ -65,10 +65,10 @@ def atomic_save(obj, path: str) -> None:
             os.unlink(tmp)
 
 
-def save(path: str, *, step: int, model, optimizer, comm, device, meta: dict) -> None:
+def save(path: str, *, step: int, model, optimizer, meter, device, meta: dict) -> None:
     """Collective: every rank must call it.  Rank 0 writes ``path``."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    mine = {"rng": capture_rng(device), "hook": to_cpu(comm.state_dict())}
+    mine = {"rng": capture_rng(device), "hook": to_cpu(meter.state_dict())}
     gathered = [None] * world if rank == 0 else None
     dist.gather_object(mine, gathered, dst=0)
     if rank == 0:

@@ -1,7 +1,7 @@
 """The launch/bench_net.py matrix: which cells it runs and train.py's arguments for each.
 
 Shared by the runner (launch/bench_net.py) and the report
-(launch/bench_net_report.py), which re-derives its goals from the same plan.
+(launch/bench/report.py), which re-derives its goals from the same plan.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The launch/bench_net.py report: derived figures, goals, Markdown and plot.
 
 Pure functions of the benchmark's JSON: ``python launch/bench_net.py --render
-results/bench_net.json`` rewrites the .md/.png from it, and tests/test_bench_report.py
-checks that the committed results/bench_net.md is exactly what this renders.
+launch/results/bench_net.json`` rewrites the .md/.png from it, and tests/test_bench_report.py
+checks that the committed launch/results/bench_net.md is exactly what this renders.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from launch.bench_net_plan import RATES, converges, steps_for, variants
+from launch.bench.plan import RATES, converges, steps_for, variants
 
 def field(rec: dict, *path):
     x = rec

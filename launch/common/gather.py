@@ -59,17 +59,3 @@ def all_gather_rows(row: list[float], device: torch.device, group=None) -> list[
     del mine, gathered
     wait_released(refs)
     return rows
-
-
-def encode_name(name: str | None, width: int) -> list[float]:
-    """``name`` as ``width`` byte values (0-padded) for :func:`all_gather_rows`."""
-    data = (name or "").encode()
-    if len(data) > width:
-        raise ValueError(f"{name!r} is longer than {width} bytes")
-    return [float(b) for b in data.ljust(width, b"\0")]
-
-
-def decode_name(values: list[float]) -> str | None:
-    """Inverse of :func:`encode_name`; None for an empty name."""
-    data = bytes(int(v) for v in values).rstrip(b"\0")
-    return data.decode() if data else None

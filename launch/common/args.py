@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from launch import models
-from launch.comm import KINDS
-from launch.loop import IFNAMSIZ
+from launch.common import models
+from launch.common.schemes import KINDS
+from launch.testbed.iface import IFNAMSIZ
 from threelc.hooks import TRANSPORT_CHOICES
 
 

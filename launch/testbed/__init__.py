@@ -1,0 +1,1 @@
+"""The multi-node testbed on one machine: network namespaces, shaped links, interface counters."""
