@@ -153,7 +153,7 @@ def target_sparsity_step(args) -> int | None:
     """The first step threelc compresses at ``--sparsity`` itself (after start_iter and the warm-up)."""
     if args.hook != "threelc":
         return None
-    from threelc.hooks.ddp import DEFAULT_SPARSITY_WARMUP
+    from threelc.hooks.settings import DEFAULT_SPARSITY_WARMUP
 
     warmup = DEFAULT_SPARSITY_WARMUP if args.sparsity_warmup is None else args.sparsity_warmup
     return args.start_iter + max(warmup - 1, 0)
