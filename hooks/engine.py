@@ -236,9 +236,11 @@ class ThreeLCEngine:
             ranks_per_node = agree_node_layout(collectives, claim, required) or 1
         name = choose_transport(settings.transport, collectives.world_size, ranks_per_node)
         if name == HierarchicalTransport.name:
-            transport = HierarchicalTransport(collectives, settings.sparsity, settings.error_feedback, ranks_per_node)
+            transport = HierarchicalTransport(collectives, settings.sparsity, settings.error_feedback, ranks_per_node,
+                                              settings.bounded_scale)
         else:
-            transport = TRANSPORTS[name](collectives, settings.sparsity, settings.error_feedback)
+            transport = TRANSPORTS[name](collectives, settings.sparsity, settings.error_feedback,
+                                         settings.bounded_scale)
         if self._pending_origin is not None:  # a checkpoint from another world size fails even after a reset
             self._check_saved(*self._pending_origin, transport.name)
         if self._pending_state is not None:

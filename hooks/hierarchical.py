@@ -90,8 +90,8 @@ class HierarchicalTransport(Transport):
     name = "hierarchical"
 
     def __init__(self, collectives: Collectives, sparsity: float, error_feedback: bool = True,
-                 ranks_per_node: int = 1):
-        super().__init__(collectives, sparsity, error_feedback)
+                 ranks_per_node: int = 1, bounded_scale: bool = True):
+        super().__init__(collectives, sparsity, error_feedback, bounded_scale)
         world, rank = collectives.world_size, collectives.rank
         if ranks_per_node < 1 or world % ranks_per_node:
             raise ConfigurationError(f"{world} ranks cannot form nodes of {ranks_per_node}")
@@ -101,7 +101,7 @@ class HierarchicalTransport(Transport):
         self.local = collectives.subgroup([node * ranks_per_node + j for j in range(ranks_per_node)])
         self.across = collectives.subgroup([n * ranks_per_node + self.local_rank for n in range(self.nodes)])
         self.inner_name = choose_transport("auto", self.nodes)
-        self.inner: Transport = TRANSPORTS[self.inner_name](self.across, sparsity, error_feedback)
+        self.inner: Transport = TRANSPORTS[self.inner_name](self.across, sparsity, error_feedback, bounded_scale)
         self._plans: dict = {}
 
     def _plan(self, segments: list[int]):

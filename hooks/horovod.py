@@ -87,11 +87,12 @@ class HorovodThreeLCState(ThreeLCEngine):
     """
 
     def __init__(self, process_group=None, sparsity: float = 1.0, transport: str = "allgather",
-                 start_iter: int = 2, error_feedback: bool = True, sparsity_warmup: int | None = None):
+                 start_iter: int = 2, error_feedback: bool = True, sparsity_warmup: int | None = None,
+                 bounded_scale: bool = True):
         if process_group is not None:
             raise ConfigurationError("threelc on Horovod uses Horovod's global process set; process_group must be None")
         warmup = DEFAULT_SPARSITY_WARMUP if sparsity_warmup is None else sparsity_warmup
-        settings = Settings(sparsity, transport, start_iter, error_feedback, warmup)
+        settings = Settings(sparsity, transport, start_iter, error_feedback, warmup, bounded_scale)
         super().__init__(settings, HorovodGroup(), built_by="threelc.hooks.horovod.DistributedOptimizer")
         self.agreement = dict.fromkeys(AGREEMENT_FIELDS, 0)  # set by DistributedOptimizer
 
@@ -282,7 +283,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          backward_passes_per_step: int = 1,
                          op: int = hvd.Average,
                          bucket_cap_mb: float = 4.0,
-                         overlap: bool = True) -> torch.optim.Optimizer:
+                         overlap: bool = True,
+                         bounded_scale: bool = True) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` like ``hvd.DistributedOptimizer``, averaging gradients with 3LC.
 
     The result is an instance of a subclass of ``optimizer``'s class sharing its
@@ -292,8 +294,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     needed, the *unwrapped* optimizer's state) from rank 0 before training.
 
     Args:
-        sparsity, transport, start_iter, error_feedback, sparsity_warmup: as
-            :class:`threelc.hooks.ThreeLCState`
+        sparsity, transport, start_iter, error_feedback, sparsity_warmup, bounded_scale: as
+            :class:`threelc.hooks.ThreeLCState` (bounded_scale: the scale is bounded by the
+            current gradient's max, default True, so residual bursts cannot diverge training)
             (``start_iter`` counts optimizer steps, each averaged by a plain Horovod
             all-reduce before it).
         backward_passes_per_step: backward passes accumulated locally per step.
@@ -316,7 +319,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
         raise ConfigurationError(f"bucket_cap_mb must be positive; got {bucket_cap_mb!r}")
     if not hvd.is_initialized():
         raise ConfigurationError("Horovod is not initialized: call hvd.init() before DistributedOptimizer")
-    state = HorovodThreeLCState(None, sparsity, transport, start_iter, error_feedback, sparsity_warmup)
+    state = HorovodThreeLCState(None, sparsity, transport, start_iter, error_feedback, sparsity_warmup,
+                                bounded_scale)
     base = optimizer.__class__
     cls = type(base.__name__, (_ThreeLCDistributedOptimizer, base), {"__module__": __name__})
     wrapped = cls(optimizer.param_groups, named_parameters, state, float(bucket_cap_mb),

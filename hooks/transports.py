@@ -56,9 +56,11 @@ class Transport:
 
     name = ""
 
-    def __init__(self, collectives: Collectives, sparsity: float, error_feedback: bool = True):
+    def __init__(self, collectives: Collectives, sparsity: float, error_feedback: bool = True,
+                 bounded_scale: bool = True):
         self.collectives = collectives
-        self.memory = ErrorFeedback(sparsity, error_feedback)
+        # The memory owns the scale rule too: every encode and absmax passes memory.bounded.
+        self.memory = ErrorFeedback(sparsity, error_feedback, bounded_scale)
         self.seconds = {"encode": 0.0, "decode": 0.0}
         self.zeros = 0  # ternary zeros this rank produced, for the stats
         self._layouts: dict = {}
@@ -101,7 +103,7 @@ class Transport:
         residual = memory.residual(keys, layout.segments, x.device)
         residual_out = memory.spare(keys, x.numel(), x.device) if memory.enabled else None
         return codec.encode(x, residual, layout, memory.sparsity, dtype=dtype, feedback=memory.enabled,
-                            residual_out=residual_out)
+                            residual_out=residual_out, bounded=memory.bounded)
 
     @staticmethod
     def _output(out: torch.Tensor | None, numel: int, device: torch.device) -> torch.Tensor:
@@ -184,7 +186,8 @@ class AllreduceTransport(Transport):
         world, device, layout, codec = self.collectives.world_size, grad.device, self._layout(segments), codec_for(grad.device)
         start = time.perf_counter()
         residual = self.memory.residual(keys, segments, device)
-        absmax = codec.absmax(grad, residual, layout)
+        # Each rank proposes its bounded absmax; the agreed scale is the largest proposal.
+        absmax = codec.absmax(grad, residual, layout, bounded=self.memory.bounded)
         finite = torch.isfinite(absmax)
         # The last entry is a "some rank is not finite" flag; NaN itself would not survive MAX.
         proposal = torch.cat([torch.where(finite, absmax, 0.0), (~finite.all()).float().reshape(1)])
@@ -225,9 +228,10 @@ class ShardedTransport(Transport):
 
     name = "sharded"
 
-    def __init__(self, collectives, sparsity, error_feedback=True):
-        super().__init__(collectives, sparsity, error_feedback)
-        self.server_memory = ErrorFeedback(sparsity, error_feedback)
+    def __init__(self, collectives, sparsity, error_feedback=True, bounded_scale=True):
+        super().__init__(collectives, sparsity, error_feedback, bounded_scale)
+        # The server's scale is bounded by the max of the average it re-compresses.
+        self.server_memory = ErrorFeedback(sparsity, error_feedback, bounded_scale)
         self._plans: dict = {}
 
     def _plan(self, segments: list[int]):
@@ -256,7 +260,8 @@ class ShardedTransport(Transport):
         residual = self.memory.residual(worker_keys, refined, device)
         residual_out = self.memory.spare(worker_keys, grad.numel(), device) if self.memory.enabled else None
         encoded = [codec.encode(grad, residual, servers[j], self.sparsity, dtype=grad.dtype,
-                                feedback=self.memory.enabled, residual_out=residual_out) for j in range(world)]
+                                feedback=self.memory.enabled, residual_out=residual_out, bounded=self.memory.bounded)
+                   for j in range(world)]
         finite = all(e.finite for e in encoded)
         empty = torch.empty(0, dtype=torch.uint8, device=device)
         payloads = [e.payload if finite else empty for e in encoded]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 import threelc
-from threelc.quantize import quantize_with_scales, scales_from_absmax, segment_absmax
+from threelc.quantize import bounded_absmax, quantize_with_scales, scales_from_absmax, segment_absmax
 
 
 def shard_lengths(n, world):
@@ -17,16 +17,17 @@ def shard_lengths(n, world):
 
 
 class Reference:
-    def __init__(self, transport, world, sparsity, error_feedback=True, ranks_per_node=1):
+    def __init__(self, transport, world, sparsity, error_feedback=True, ranks_per_node=1, bounded=True):
         self.transport, self.world, self.sparsity = transport, world, sparsity
-        self.workers = [threelc.ErrorFeedback(sparsity, error_feedback) for _ in range(world)]
-        self.servers = [threelc.ErrorFeedback(sparsity, error_feedback) for _ in range(world)]
+        self.workers = [threelc.ErrorFeedback(sparsity, error_feedback, bounded) for _ in range(world)]
+        self.servers = [threelc.ErrorFeedback(sparsity, error_feedback, bounded) for _ in range(world)]
         if transport == "hierarchical":
             # One flat reference per local rank: the inter-node group of that shard.
             nodes = world // ranks_per_node
             self.ranks_per_node, self.nodes = ranks_per_node, nodes
             inner = "allgather" if nodes <= 2 else "sharded"
-            self.groups = [Reference(inner, nodes, sparsity, error_feedback) for _ in range(ranks_per_node)]
+            self.groups = [Reference(inner, nodes, sparsity, error_feedback, bounded=bounded)
+                           for _ in range(ranks_per_node)]
 
     def set_sparsity(self, sparsity):
         """The multiplier of the steps that follow (the hook's warm-up schedule)."""
@@ -49,7 +50,10 @@ class Reference:
 
     def _allreduce(self, keys, grads, segments):
         compensated = [w.compensate(list(keys), g, segments) for w, g in zip(self.workers, grads)]
-        absmax = torch.stack([segment_absmax(c, segments) for c in compensated]).amax(0)
+        # Each rank proposes its own (bounded) absmax; the scale is the largest proposal.
+        absmax = torch.stack([bounded_absmax(segment_absmax(c, segments), segment_absmax(g, segments))
+                              if w.bounded else segment_absmax(c, segments)
+                              for w, c, g in zip(self.workers, compensated, grads)]).amax(0)
         scales = scales_from_absmax(absmax, self.sparsity)
         qs = [quantize_with_scales(c, scales, segments) for c in compensated]
         for worker, c, q in zip(self.workers, compensated, qs):

@@ -47,7 +47,7 @@ def gradients(rank, step, shapes=SHAPES, dtype=torch.float32):
 
 def train_carrier(rank, world, transport, sparsity=1.5, steps=6, dtype=torch.float32, bucket_view=False,
                   unused=False, start_iter=1, poison=None, backend="auto", sparsity_warmup=WARMUP,
-                  ranks_per_node=None, env=None, saved=None):
+                  ranks_per_node=None, env=None, saved=None, bounded_scale=True):
     """DDP over the carrier model; returns every step's averaged gradients and bucket layouts.
 
     ``env`` (per-rank environment, e.g. torchrun's node layout) is set first; ``saved``
@@ -58,7 +58,7 @@ def train_carrier(rank, world, transport, sparsity=1.5, steps=6, dtype=torch.flo
     model = Carrier(dtype=dtype, unused=unused)
     ddp = DDP(model, bucket_cap_mb=0.0005, gradient_as_bucket_view=bucket_view, find_unused_parameters=unused)
     state = ThreeLCState(sparsity=sparsity, transport=transport, start_iter=start_iter,
-                         sparsity_warmup=sparsity_warmup, ranks_per_node=ranks_per_node)
+                         sparsity_warmup=sparsity_warmup, ranks_per_node=ranks_per_node, bounded_scale=bounded_scale)
     if saved is not None:
         state.load_state_dict(saved[rank])
     # The unused parameter gets the last index (model.parameters() would list it first).
@@ -107,8 +107,8 @@ def _residuals(state):
 
 
 def reference_history(world, transport, sparsity, steps, layouts, start_iter=1, dtype=torch.float32,
-                      ranks_per_node=1):
-    reference = Reference(transport, world, sparsity, ranks_per_node=ranks_per_node)
+                      ranks_per_node=1, bounded=True):
+    reference = Reference(transport, world, sparsity, ranks_per_node=ranks_per_node, bounded=bounded)
     schedule = ThreeLCState(sparsity=sparsity, start_iter=start_iter, sparsity_warmup=WARMUP)
     expected = []
     for step in range(steps):
@@ -145,10 +145,10 @@ def assert_ranks_agree(results):
 
 
 def assert_matches_reference(result, world, transport, sparsity, dtype=torch.float32, start_iter=1,
-                             ranks_per_node=1):
+                             ranks_per_node=1, bounded=True):
     steps = len(result["history"])
     expected = reference_history(world, transport, sparsity, steps, result["layouts"], start_iter, dtype,
-                                 ranks_per_node)
+                                 ranks_per_node, bounded)
     for step, (got, want) in enumerate(zip(result["history"], expected)):
         if want is None:  # warm-up: plain all-reduce in gloo's own summation order
             mean = [sum(g[i] for g in (gradients(r, step, dtype=dtype) for r in range(world))) / world
@@ -197,6 +197,8 @@ VARIANTS = {
        for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)) for t in TRANSPORTS},
     **{f"{name}-{t}": {"transport": t, "sparsity": 1.2, "steps": 4, "dtype": dtype}
        for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)) for t in ("allreduce", "sharded")},
+    # The unbounded scale (bounded_scale=False) against the reference built the same way.
+    **{f"unbounded-{t}": {"transport": t, "sparsity": 1.9, "steps": 5, "bounded_scale": False} for t in TRANSPORTS},
 }
 
 
@@ -214,7 +216,9 @@ def test_dtypes_bucket_views_and_unused_parameters(variant, variant_runs):
     assert results[0]["history"][-1][0].dtype == dtype
     transport = results[0]["stats"]["transport"]
     assert transport == (settings["transport"] if settings["transport"] != "auto" else "allgather")
-    assert_matches_reference(results[0], 2, transport, settings.get("sparsity", 1.5), dtype)
+    assert_matches_reference(results[0], 2, transport, settings.get("sparsity", 1.5), dtype,
+                             bounded=settings.get("bounded_scale", True))
+    assert results[0]["state"]["settings"]["bounded_scale"] == settings.get("bounded_scale", True)
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +242,7 @@ def test_non_finite_gradient_on_one_rank(transport, backend, non_finite_runs):
     assert_ranks_agree(results)
 
 
-MISMATCHES = {"sparsity": 1.25, "transport": "sharded", "start_iter": 3, "sparsity_warmup": 5}
+MISMATCHES = {"sparsity": 1.25, "transport": "sharded", "start_iter": 3, "sparsity_warmup": 5, "bounded_scale": False}
 
 
 def mismatched(rank, world):
@@ -385,12 +389,21 @@ def test_state_validation_and_pickling():
         ThreeLCState(start_iter=-1)
     with pytest.raises(threelc.ConfigurationError, match="sparsity_warmup"):
         ThreeLCState(sparsity_warmup=-1)
+    with pytest.raises(threelc.ConfigurationError, match="bounded_scale"):
+        ThreeLCState(bounded_scale="no")
+    assert ThreeLCState().settings.bounded_scale is True  # the default
+    assert threelc.hooks.settings.STATE_VERSION == 4
+    unbounded = ThreeLCState(sparsity=1.7, bounded_scale=False)
+    assert pickle.loads(pickle.dumps(unbounded)).settings.bounded_scale is False
+    assert unbounded.state_dict()["settings"]["bounded_scale"] is False
+    with pytest.raises(threelc.ConfigurationError, match="differ"):  # checkpoints carry it
+        ThreeLCState(sparsity=1.7).load_state_dict(unbounded.state_dict())
     state = ThreeLCState(sparsity=1.7, transport="sharded", start_iter=5, sparsity_warmup=7)
     state.iter = 9
     restored = pickle.loads(pickle.dumps(state))
     settings = restored.settings
     assert (settings.sparsity, settings.transport, settings.start_iter, restored.iter) == (1.7, "sharded", 5, 9)
-    assert restored.settings.sparsity_warmup == 7
+    assert restored.settings.sparsity_warmup == 7 and restored.settings.bounded_scale is True
     buffer = io.BytesIO()
     torch.save(state.state_dict(), buffer)
     buffer.seek(0)

@@ -66,7 +66,10 @@ def cases(draw, max_numel=3000):
         x[draw(st.integers(0, numel - 1))] = draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]))
     residual = None
     if draw(st.booleans()):
-        residual = torch.randn(numel, generator=generator) * draw(st.sampled_from([0.1, 1e-38, 1e-44]))
+        # 10 and 1e3: a residual far above the gradient, where the bounded scale differs.
+        residual = torch.randn(numel, generator=generator) * draw(st.sampled_from([0.1, 10.0, 1e3, 1e-38, 1e-44]))
+        if numel and draw(st.integers(0, 9)) == 0:  # a non-finite residual must poison the bounded scale too
+            residual[draw(st.integers(0, numel - 1))] = draw(st.sampled_from([float("nan"), float("inf")]))
     sparsity = draw(st.one_of(st.sampled_from(SPARSITY_EDGES), st.floats(1.0, 1.999)))
     return x.to(dtype), residual, Layout(segments), sparsity
 
@@ -77,12 +80,13 @@ def peer_payloads(layout, dtype, sparsity, count, seed):
             for _ in range(count)]
 
 
+@pytest.mark.parametrize("bounded", [True, False])
 @settings(**SETTINGS)
 @given(cases(), st.booleans(), st.booleans())
-def test_encode_is_bit_identical(case, feedback, zre):
+def test_encode_is_bit_identical(bounded, case, feedback, zre):
     x, residual, layout, sparsity = case
-    a = TORCH.encode(x, residual, layout, sparsity, feedback=feedback, zre=zre)
-    b = NATIVE.encode(x, residual, layout, sparsity, feedback=feedback, zre=zre)
+    a = TORCH.encode(x, residual, layout, sparsity, feedback=feedback, zre=zre, bounded=bounded)
+    b = NATIVE.encode(x, residual, layout, sparsity, feedback=feedback, zre=zre, bounded=bounded)
     assert same_encoded(a, b)
 
 
@@ -102,12 +106,13 @@ def test_decode_sum_is_bit_identical(case, count, average, seed):
     assert same(a, b)
 
 
+@pytest.mark.parametrize("bounded", [True, False])
 @settings(**SETTINGS)
 @given(cases(), st.integers(1, 40), st.integers(0, 1000))
-def test_lanes_are_bit_identical(case, world, seed):
+def test_lanes_are_bit_identical(bounded, case, world, seed):
     x, residual, layout, sparsity = case
-    absmax = TORCH.absmax(x, residual, layout)
-    assert same(absmax, NATIVE.absmax(x, residual, layout))
+    absmax = TORCH.absmax(x, residual, layout, bounded=bounded)
+    assert same(absmax, NATIVE.absmax(x, residual, layout, bounded=bounded))
     scales = scales_from_absmax(absmax, sparsity)
     if not bool(torch.isfinite(scales).all()):
         return
@@ -150,9 +155,10 @@ def test_scattered_layouts_as_the_sharded_transport_cuts_them(segments, world, s
     assert same(out_a, out_b)
 
 
+@pytest.mark.parametrize("bounded", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("numel,sparsity", [(300_001, 1.0), (1_000_003, 1.9), (2**18, 1.5)])
-def test_large_tensors_on_every_thread_count(numel, sparsity, threads):
+def test_large_tensors_on_every_thread_count(numel, sparsity, threads, bounded):
     """Above 2^18 elements the kernels split work between threads; the bytes must not change."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -161,7 +167,9 @@ def test_large_tensors_on_every_thread_count(numel, sparsity, threads):
         segments = [numel // 3, 0, numel - numel // 3 - 7, 7]
         layout = Layout(segments)
         x, residual = torch.randn(numel, generator=generator), torch.randn(numel, generator=generator) * 0.2
-        a, b = TORCH.encode(x, residual, layout, sparsity), NATIVE.encode(x, residual, layout, sparsity)
+        residual[: numel // 3] *= 50  # the first segment's residual dwarfs its gradient: the bound applies
+        a = TORCH.encode(x, residual, layout, sparsity, bounded=bounded)
+        b = NATIVE.encode(x, residual, layout, sparsity, bounded=bounded)
         assert same_encoded(a, b)
         payloads = [a.payload] + peer_payloads(layout, torch.float32, sparsity, 2, numel)
         out_a, out_b = torch.zeros(numel), torch.zeros(numel)
@@ -169,7 +177,9 @@ def test_large_tensors_on_every_thread_count(numel, sparsity, threads):
         NATIVE.decode(payloads, layout, out_b)
         assert same(out_a, out_b)
         for world in (2, 5):
-            scales = scales_from_absmax(NATIVE.absmax(x, residual, layout), sparsity)
+            absmax = NATIVE.absmax(x, residual, layout, bounded=bounded)
+            assert same(absmax, TORCH.absmax(x, residual, layout, bounded=bounded))
+            scales = scales_from_absmax(absmax, sparsity)
             wa, wb = (c.encode_lanes(x, residual, layout, scales, world) for c in (TORCH, NATIVE))
             assert same(wa[0], wb[0]) and same(wa[1], wb[1]) and wa[2] == wb[2]
             TORCH.decode_lanes(wa[0], layout, scales, world, out_a)

@@ -20,6 +20,7 @@ import threelc
 from threelc.backends import TORCH, Layout, codec_for
 from threelc.lanes import pack_lanes
 from threelc.quantize import scales_from_absmax
+from test_bounded_scale import check_rule
 from test_native import SPARSITY_EDGES, cases, mutated, same, same_encoded
 
 DEVICE = torch.device(os.environ.get("THREELC_TEST_DEVICE", "cpu"))
@@ -52,12 +53,17 @@ def on_cpu(t):
     return None if t is None else t.cpu()
 
 
+@pytest.mark.parametrize("bounded", [True, False])
 @settings(**SETTINGS)
 @given(small_cases, st.booleans(), st.booleans())
-def test_encode_is_bit_identical(case, feedback, zre):
+def test_encode_is_bit_identical(bounded, case, feedback, zre):
     x, residual, layout, sparsity = case
-    a, b = encode_both(x, residual, layout, sparsity, feedback=feedback, zre=zre)
+    a, b = encode_both(x, residual, layout, sparsity, feedback=feedback, zre=zre, bounded=bounded)
     assert same_encoded(a, b)
+
+
+def test_the_bounded_rule_on_a_hand_vector():
+    check_rule(CODEC, DEVICE)
 
 
 def decode_both(payloads, layout, average=True):
@@ -81,12 +87,13 @@ def test_decode_sum_is_bit_identical(case, count, average, zre, seed):
     assert same(a, b)
 
 
+@pytest.mark.parametrize("bounded", [True, False])
 @settings(**SETTINGS)
 @given(small_cases, st.integers(1, 40), st.integers(0, 1000))
-def test_lanes_are_bit_identical(case, world, seed):
+def test_lanes_are_bit_identical(bounded, case, world, seed):
     x, residual, layout, sparsity = case
-    absmax = TORCH.absmax(x, residual, layout)
-    assert same(absmax, CODEC.absmax(on(x), on(residual), layout).cpu())
+    absmax = TORCH.absmax(x, residual, layout, bounded=bounded)
+    assert same(absmax, CODEC.absmax(on(x), on(residual), layout, bounded=bounded).cpu())
     scales = scales_from_absmax(absmax, sparsity)
     if not bool(torch.isfinite(scales).all()):
         return

@@ -4,7 +4,7 @@ The transports (``threelc.hooks``) call only these five operations:
 
     encode        compensate with the residual, quantize, pack, zero-run encode: a payload
     decode        N payloads of one layout summed in rank order (and averaged) into ``out``
-    absmax        max|x + residual| per segment (the allreduce transport agrees on it)
+    absmax        max|x + residual| per segment, bounded by max|x| (the allreduce transport agrees on it)
     encode_lanes  quantize with agreed scales into lane-packed int64 words
     decode_lanes  the average, from lane words summed by an integer all-reduce
 
@@ -31,7 +31,7 @@ import torch
 from .errors import ConfigurationError, DecodeError
 from .interface import Codec, Encoded, Layout, payload_error
 from .lanes import pack_lanes, unpack_lane_sums, word_count
-from .quantize import (_check_input, dequantize, quantize_with_scales, scales_from_absmax,
+from .quantize import (_check_input, bounded_absmax, dequantize, quantize_with_scales, scales_from_absmax,
                        segment_absmax, subtract_decoded)
 from .wire import DTYPE_CODES, decode_quantized, encode_quantized
 
@@ -76,11 +76,19 @@ class TorchCodec(Codec):
         self._scatter(new, layout, residual_out)
         return residual_out
 
-    def encode(self, x, residual, layout, sparsity, *, dtype=None, feedback=True, residual_out=None, zre=True):
+    def _absmax(self, x, residual, compensated, layout, bounded):
+        segments = list(layout.segments)
+        maxima = segment_absmax(compensated, segments)
+        if bounded and residual is not None:  # without a residual max|x + r| is max|x|
+            maxima = bounded_absmax(maxima, segment_absmax(self._gather(x, layout), segments))
+        return maxima
+
+    def encode(self, x, residual, layout, sparsity, *, dtype=None, feedback=True, residual_out=None, zre=True,
+               bounded=True):
         _check_input(x)
         segments = list(layout.segments)
         compensated = self._compensated(x, residual, layout)
-        scales = scales_from_absmax(segment_absmax(compensated, segments), sparsity)
+        scales = scales_from_absmax(self._absmax(x, residual, compensated, layout, bounded), sparsity)
         if not bool(torch.isfinite(scales).all()):
             return Encoded(torch.empty(0, dtype=torch.uint8, device=x.device), scales, None, False, 0)
         q = quantize_with_scales(compensated, scales, segments)
@@ -110,8 +118,8 @@ class TorchCodec(Codec):
         self._scatter(total, layout, out)
         return out
 
-    def absmax(self, x, residual, layout):
-        return segment_absmax(self._compensated(x, residual, layout), list(layout.segments))
+    def absmax(self, x, residual, layout, *, bounded=True):
+        return self._absmax(x, residual, self._compensated(x, residual, layout), layout, bounded)
 
     def encode_lanes(self, x, residual, layout, scales, world_size, *, feedback=True, residual_out=None):
         compensated = self._compensated(x, residual, layout)
@@ -144,7 +152,8 @@ class NativeCodec(Codec):
         if x.numel() < layout.extent():
             raise ConfigurationError(f"the {what} holds {x.numel()} elements; its layout reaches {layout.extent()}")
 
-    def encode(self, x, residual, layout, sparsity, *, dtype=None, feedback=True, residual_out=None, zre=True):
+    def encode(self, x, residual, layout, sparsity, *, dtype=None, feedback=True, residual_out=None, zre=True,
+               bounded=True):
         x, residual, residual_out = self._prepare(x, residual, layout, feedback, residual_out)
         segments, offsets = layout.table()
         count = len(layout.segments)
@@ -153,7 +162,7 @@ class NativeCodec(Codec):
         length, finite, zeros = _native.encode(
             x.data_ptr(), DTYPE_CODES[x.dtype], _pointer(residual), _pointer(residual_out), segments.data_ptr(),
             offsets.data_ptr(), count, float(sparsity), DTYPE_CODES[dtype or x.dtype], zre, buffer.data_ptr(),
-            scales.data_ptr(), torch.get_num_threads())
+            scales.data_ptr(), torch.get_num_threads(), bool(bounded))
         if not finite:
             return Encoded(buffer[:0], scales, None, False, 0)
         return Encoded(buffer[:length], scales, residual_out, True, zeros, buffer)
@@ -175,14 +184,14 @@ class NativeCodec(Codec):
             raise payload_error(status - 1, message)
         return out
 
-    def absmax(self, x, residual, layout):
+    def absmax(self, x, residual, layout, *, bounded=True):
         _check_input(x)
         x = x.reshape(-1)
         self._check(x, layout)
         segments, offsets = layout.table()
         out = torch.empty(len(layout.segments), dtype=torch.float32)
         _native.absmax(x.data_ptr(), DTYPE_CODES[x.dtype], _pointer(self._residual(residual, x)), segments.data_ptr(),
-                       offsets.data_ptr(), len(layout.segments), out.data_ptr(), torch.get_num_threads())
+                       offsets.data_ptr(), len(layout.segments), out.data_ptr(), torch.get_num_threads(), bool(bounded))
         return out
 
     def encode_lanes(self, x, residual, layout, scales, world_size, *, feedback=True, residual_out=None):

@@ -1,7 +1,8 @@
 """Error feedback: the residual memory of 3LC (docs/algorithm.md, section 1).
 
     compensated = x + residual
-    q, scale    = quantize(compensated)
+    scale       = sparsity * min(max|compensated|, max|x|)   (bounded, the default)
+    q           = round(compensated / scale), clipped to {-1, 0, 1}
     residual    = compensated - q * scale
 
 Residuals are float32 whatever the input dtype, so bf16/fp16 gradients do not lose
@@ -16,7 +17,8 @@ from typing import Hashable, List, NamedTuple, Sequence, Union
 import torch
 
 from .errors import ConfigurationError
-from .quantize import check_segments, check_sparsity, quantize, subtract_decoded
+from .quantize import (bounded_absmax, check_segments, check_sparsity, quantize_with_scales, scales_from_absmax,
+                       segment_absmax, subtract_decoded)
 
 
 class Quantized(NamedTuple):
@@ -50,11 +52,16 @@ class ErrorFeedback:
 
     A residual whose size no longer matches is reset with a warning, never
     misapplied. ``enabled=False`` quantizes without any residual.
+
+    ``bounded`` (default) bounds each segment's scale by the current gradient:
+    ``sparsity * min(max|x + r|, max|x|)`` (quantize.bounded_absmax says why). The codecs'
+    ``bounded`` argument is this flag; transports pass ``memory.bounded`` on.
     """
 
-    def __init__(self, sparsity: float = 1.0, enabled: bool = True):
+    def __init__(self, sparsity: float = 1.0, enabled: bool = True, bounded: bool = True):
         self.sparsity = check_sparsity(sparsity)
         self.enabled = bool(enabled)
+        self.bounded = bool(bounded)
         self.residuals: dict[Hashable, torch.Tensor] = {}
         # Residuals committed together are views into one tensor; while every key of a
         # group still points into it, the next step uses it whole instead of a cat().
@@ -126,7 +133,11 @@ class ErrorFeedback:
         """Compensate and quantize; the new residual is returned, not stored."""
         segments = check_segments(segments, x.numel())
         compensated = self.compensate(key, x, segments)
-        q, scales = quantize(compensated, self.sparsity, segments)
+        maxima = segment_absmax(compensated, segments)
+        if self.bounded:  # without a residual compensated is x and the bound changes nothing
+            maxima = bounded_absmax(maxima, segment_absmax(x.reshape(-1), segments))
+        scales = scales_from_absmax(maxima, self.sparsity)
+        q = quantize_with_scales(compensated, scales, segments)
         finite = bool(torch.isfinite(scales).all())
         residual = None
         if self.enabled and finite:
@@ -177,11 +188,13 @@ class ErrorFeedback:
         return {
             "sparsity": self.sparsity,
             "enabled": self.enabled,
+            "bounded": self.bounded,
             "residuals": {key: r.detach().clone() for key, r in self.residuals.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.sparsity = check_sparsity(state["sparsity"])
         self.enabled = bool(state["enabled"])
+        self.bounded = bool(state.get("bounded", self.bounded))  # state dicts before the bound lack it
         self.reset()
         self.residuals = {key: r.detach().clone() for key, r in state["residuals"].items()}

@@ -81,9 +81,11 @@ class Codec:
 
     def encode(self, x: torch.Tensor, residual: torch.Tensor | None, layout: Layout, sparsity: float, *,
                dtype: torch.dtype | None = None, feedback: bool = True, residual_out: torch.Tensor | None = None,
-               zre: bool = True) -> Encoded:
+               zre: bool = True, bounded: bool = True) -> Encoded:
         """``dtype`` goes into the header (default ``x.dtype``). With ``feedback`` the new residual
-        is written into ``residual_out`` (default: a new float32 tensor shaped like ``x``)."""
+        is written into ``residual_out`` (default: a new float32 tensor shaped like ``x``).
+        ``bounded``: the scale is ``sparsity * min(max|x + r|, max|x|)`` per segment
+        (quantize.bounded_absmax says why); without a residual that is today's scale."""
         raise NotImplementedError
 
     @staticmethod
@@ -126,7 +128,9 @@ class Codec:
         """
         raise NotImplementedError
 
-    def absmax(self, x: torch.Tensor, residual: torch.Tensor | None, layout: Layout) -> torch.Tensor:
+    def absmax(self, x: torch.Tensor, residual: torch.Tensor | None, layout: Layout, *,
+               bounded: bool = True) -> torch.Tensor:
+        """max|x + residual| per segment; ``bounded``: at most max|x| (as ``encode``)."""
         raise NotImplementedError
 
     def encode_lanes(self, x: torch.Tensor, residual: torch.Tensor | None, layout: Layout, scales: torch.Tensor,

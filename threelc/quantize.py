@@ -74,6 +74,23 @@ def segment_absmax(flat: torch.Tensor, segments: list[int]) -> torch.Tensor:
     return maxima
 
 
+def bounded_absmax(compensated: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """Per segment, ``min(max|g + r|, max|g|)`` (the bounded scale's absmax), NaN/inf kept.
+
+    Why: at sparsity near 2 only values above ~max/s are sent, so the residual r grows
+    until max|g + r| is many times max|g|; each step then kicks a few weights by
+    s * max|g + r| (momentum amplifies it) and training diverges. Bounding by the
+    current gradient sends more, smaller values while r is large, so r drains as a
+    stream rather than in bursts; values above the scale are sent as +-scale and the
+    rest stays in r. The min is taken only where both are finite, elsewhere the larger
+    (NaN above inf), so a non-finite g or r still makes the scale non-finite. An all-zero
+    g gives 0: nothing is sent that step and r is kept whole, which is right, as the
+    step carries no new gradient to bound a transmission by.
+    """
+    both = torch.isfinite(compensated) & torch.isfinite(gradient)
+    return torch.where(both, torch.minimum(compensated, gradient), torch.maximum(compensated, gradient))
+
+
 def scales_from_absmax(absmax: torch.Tensor, sparsity: float) -> torch.Tensor:
     """scale = max|x| * sparsity in float32, clamped so a finite max never overflows."""
     scales = absmax.float() * torch.tensor(sparsity, dtype=torch.float32, device=absmax.device)

@@ -201,6 +201,7 @@ struct EncodeArgs {
   uint8_t* out;           // capacity >= payload_capacity()
   float* scales_out;      // count floats
   int threads;
+  bool bounded;           // scale from min(max|x + r|, max|x|) (quantize.bounded_absmax)
 };
 struct EncodeResult {
   int64_t length = 0;  // payload bytes (0 when not finite)
@@ -210,8 +211,10 @@ struct EncodeResult {
 int64_t payload_capacity(int64_t segments, int64_t numel);
 EncodeResult encode(const EncodeArgs& args);
 
-// max|x + residual| of each segment (NaN if any NaN; 0 for an empty segment).
-void segment_absmax(const void* x, int x_dtype, const float* residual, Segments& segments, float* out, int threads);
+// max|x + residual| of each segment (NaN if any NaN; 0 for an empty segment); `bounded`:
+// at most max|x| where both are finite, read in the same pass.
+void segment_absmax(const void* x, int x_dtype, const float* residual, Segments& segments, float* out, int threads,
+                    bool bounded);
 
 struct DecodeArgs {
   int64_t count;                  // payloads, summed in this order

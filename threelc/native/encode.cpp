@@ -126,26 +126,32 @@ int64_t payload_capacity(int64_t segments, int64_t numel) {
   return kHeaderSize + kSegmentEntrySize * segments + packed_length(numel);
 }
 
-void segment_absmax(const void* x, int x_dtype, const float* residual, Segments& seg, float* out, int threads) {
+void segment_absmax(const void* x, int x_dtype, const float* residual, Segments& seg, float* out, int threads,
+                    bool bounded) {
   // Work items of at most kChunk elements, so one big segment still spreads over threads.
   constexpr int64_t kChunk = 1 << 16;
   struct Item { int64_t s, lo, n; };
   std::vector<Item> items;
   for (int64_t s = 0; s < seg.count; ++s)
     for (int64_t lo = 0; lo < seg.length[s]; lo += kChunk) items.push_back({s, lo, std::min(kChunk, seg.length[s] - lo)});
-  std::vector<uint32_t> partial(items.size());
+  std::vector<AbsmaxBits> partial(items.size());
   int usable = seg.numel >= (int64_t(1) << 18) ? threads : 1;
   parallel_ranges(static_cast<int64_t>(items.size()), usable, [&](int64_t a, int64_t b, int) {
     for (int64_t w = a; w < b; ++w)
-      partial[w] = absmax_dispatch(x, x_dtype, residual, seg.offset[items[w].s] + items[w].lo, items[w].n);
+      partial[w] = absmax_dispatch(x, x_dtype, residual, seg.offset[items[w].s] + items[w].lo, items[w].n, bounded);
   });
-  std::vector<uint32_t> best(seg.count, 0);
-  for (size_t w = 0; w < items.size(); ++w) best[items[w].s] = std::max(best[items[w].s], partial[w]);
+  std::vector<AbsmaxBits> best(seg.count);
+  for (size_t w = 0; w < items.size(); ++w) {
+    AbsmaxBits& b = best[items[w].s];
+    b.compensated = std::max(b.compensated, partial[w].compensated);
+    b.gradient = std::max(b.gradient, partial[w].gradient);
+  }
   for (int64_t s = 0; s < seg.count; ++s) {
-    if (best[s] > 0x7F800000u) {
+    uint32_t bits = bounded_bits(best[s]);  // without the bound both fields hold max|x + r|
+    if (bits > 0x7F800000u) {
       out[s] = canonical_nan();
     } else {
-      std::memcpy(&out[s], &best[s], 4);
+      std::memcpy(&out[s], &bits, 4);
     }
   }
 }
@@ -160,7 +166,7 @@ BytePacker byte_packer(const EncodeArgs& a, const std::vector<float>& thresholds
 EncodeResult encode(const EncodeArgs& args) {
   Segments& seg = *args.segments;
   EncodeResult result;
-  segment_absmax(args.x, args.x_dtype, args.residual, seg, args.scales_out, args.threads);
+  segment_absmax(args.x, args.x_dtype, args.residual, seg, args.scales_out, args.threads, args.bounded);
   for (int64_t s = 0; s < seg.count; ++s) {
     args.scales_out[s] = scale_from_absmax(args.scales_out[s], args.sparsity);
     if (!std::isfinite(args.scales_out[s])) result.finite = false;

@@ -26,15 +26,16 @@ Segments segments_of(unsigned long long lengths, unsigned long long offsets, lon
 
 PyObject* py_encode(PyObject*, PyObject* args) {
   unsigned long long x, residual, residual_out, lengths, offsets, out, scales_out;
-  int x_dtype, header_dtype, zre, threads;
+  int x_dtype, header_dtype, zre, threads, bounded;
   long long count;
   double sparsity;
-  if (!PyArg_ParseTuple(args, "KiKKKKLdipKKi", &x, &x_dtype, &residual, &residual_out, &lengths, &offsets, &count,
-                        &sparsity, &header_dtype, &zre, &out, &scales_out, &threads))
+  if (!PyArg_ParseTuple(args, "KiKKKKLdipKKip", &x, &x_dtype, &residual, &residual_out, &lengths, &offsets, &count,
+                        &sparsity, &header_dtype, &zre, &out, &scales_out, &threads, &bounded))
     return nullptr;
   Segments seg = segments_of(lengths, offsets, count);
   EncodeArgs a{ptr<const void>(x), x_dtype, ptr<const float>(residual), ptr<float>(residual_out), &seg,
-               static_cast<float>(sparsity), header_dtype, zre != 0, ptr<uint8_t>(out), ptr<float>(scales_out), threads};
+               static_cast<float>(sparsity), header_dtype, zre != 0, ptr<uint8_t>(out), ptr<float>(scales_out), threads,
+               bounded != 0};
   EncodeResult r;
   Py_BEGIN_ALLOW_THREADS
   r = encode(a);
@@ -51,13 +52,14 @@ PyObject* py_payload_capacity(PyObject*, PyObject* args) {
 
 PyObject* py_absmax(PyObject*, PyObject* args) {
   unsigned long long x, residual, lengths, offsets, out;
-  int x_dtype, threads;
+  int x_dtype, threads, bounded;
   long long count;
-  if (!PyArg_ParseTuple(args, "KiKKKLKi", &x, &x_dtype, &residual, &lengths, &offsets, &count, &out, &threads))
+  if (!PyArg_ParseTuple(args, "KiKKKLKip", &x, &x_dtype, &residual, &lengths, &offsets, &count, &out, &threads,
+                        &bounded))
     return nullptr;
   Segments seg = segments_of(lengths, offsets, count);
   Py_BEGIN_ALLOW_THREADS
-  segment_absmax(ptr<const void>(x), x_dtype, ptr<const float>(residual), seg, ptr<float>(out), threads);
+  segment_absmax(ptr<const void>(x), x_dtype, ptr<const float>(residual), seg, ptr<float>(out), threads, bounded != 0);
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
@@ -119,7 +121,7 @@ PyObject* py_lanes_per_word(PyObject*, PyObject* args) {
 PyMethodDef methods[] = {
     {"encode", py_encode, METH_VARARGS, "Fused encode with error feedback into a preallocated payload buffer."},
     {"payload_capacity", py_payload_capacity, METH_VARARGS, "Largest payload for (segments, numel)."},
-    {"absmax", py_absmax, METH_VARARGS, "max|x + residual| per segment."},
+    {"absmax", py_absmax, METH_VARARGS, "max|x + residual| per segment (bounded: at most max|x|)."},
     {"decode", py_decode, METH_VARARGS, "Decode and sum N payloads; returns (status, message)."},
     {"encode_lanes", py_encode_lanes, METH_VARARGS, "Quantize with agreed scales into lane-packed int64 words."},
     {"decode_lanes", py_decode_lanes, METH_VARARGS, "Average from summed lane words."},

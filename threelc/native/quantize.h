@@ -14,30 +14,48 @@ inline uint32_t abs_bits(float c) {
   return bits & 0x7FFFFFFFu;
 }
 
-// Largest |x + r| over n elements, as the bits of a non-negative float: bit patterns of
-// non-negative floats order like the floats, and every NaN sorts above +inf.
-template <class L, bool HasResidual>
-uint32_t absmax_bits(const typename L::T* x, const float* r, int64_t n) {
-  uint32_t m = 0;
+// Largest |x + r| and largest |x| over n elements, as the bits of non-negative floats:
+// bit patterns of non-negative floats order like the floats, and every NaN sorts above
+// +inf. Both maxima come from the one read of x (|x| only when Bounded asks for it).
+struct AbsmaxBits {
+  uint32_t compensated = 0, gradient = 0;
+};
+
+template <class L, bool HasResidual, bool Bounded>
+AbsmaxBits absmax_bits(const typename L::T* x, const float* r, int64_t n) {
+  uint32_t m = 0, g = 0;
   for (int64_t j = 0; j < n; ++j) {
-    float c = L::load(x[j]);
+    float v = L::load(x[j]), c = v;
     if (HasResidual) c = c + r[j];
     uint32_t a = abs_bits(c);
     m = a > m ? a : m;
+    if (Bounded) {
+      uint32_t b = abs_bits(v);
+      g = b > g ? b : g;
+    }
   }
-  return m;
+  return {m, Bounded ? g : m};
 }
 
 template <class L>
-uint32_t absmax_any(const void* x, const float* r, int64_t offset, int64_t n) {
+AbsmaxBits absmax_any(const void* x, const float* r, int64_t offset, int64_t n, bool bounded) {
   const auto* xs = static_cast<const typename L::T*>(x) + offset;
-  return r ? absmax_bits<L, true>(xs, r + offset, n) : absmax_bits<L, false>(xs, nullptr, n);
+  if (!r) return absmax_bits<L, false, false>(xs, nullptr, n);  // no residual: max|x + r| is max|x|
+  return bounded ? absmax_bits<L, true, true>(xs, r + offset, n) : absmax_bits<L, true, false>(xs, r + offset, n);
 }
 
-inline uint32_t absmax_dispatch(const void* x, int dtype, const float* r, int64_t offset, int64_t n) {
-  if (dtype == kFloat32) return absmax_any<LoadF32>(x, r, offset, n);
-  if (dtype == kBFloat16) return absmax_any<LoadBF16>(x, r, offset, n);
-  return absmax_any<LoadF16>(x, r, offset, n);
+inline AbsmaxBits absmax_dispatch(const void* x, int dtype, const float* r, int64_t offset, int64_t n, bool bounded) {
+  if (dtype == kFloat32) return absmax_any<LoadF32>(x, r, offset, n, bounded);
+  if (dtype == kBFloat16) return absmax_any<LoadBF16>(x, r, offset, n, bounded);
+  return absmax_any<LoadF16>(x, r, offset, n, bounded);
+}
+
+// quantize.bounded_absmax on bits: the smaller where both are finite, else the larger,
+// so a NaN or inf in x or r still makes the scale non-finite.
+inline uint32_t bounded_bits(AbsmaxBits m) {
+  constexpr uint32_t kInfBits = 0x7F800000u;
+  if (m.compensated < kInfBits && m.gradient < kInfBits) return std::min(m.compensated, m.gradient);
+  return std::max(m.compensated, m.gradient);
 }
 
 // The quantization of one run of elements that share a segment. Digits go into acc:

@@ -104,15 +104,23 @@ class TritonCodec(Codec):
         if TRITS_PER_BYTE * packed_length(layout.numel) > _MAX_POSITIONS:
             raise ConfigurationError(f"a layout of {layout.numel} elements is too large for one triton payload")
 
-    def _absmax(self, x, residual, layout, table) -> torch.Tensor:
+    def _absmax(self, x, residual, layout, table, bounded) -> torch.Tensor:
         chunks = table[0].numel()
+        bounded = bounded and residual is not None  # without a residual max|x + r| is max|x|
         maxima = torch.zeros(len(layout.segments), dtype=torch.int32, device=x.device)
         if chunks:
             per_chunk = torch.empty(chunks, dtype=torch.int32, device=x.device)
-            K.absmax_kernel[(chunks,)](_elements(x), x if residual is None else residual, *table, per_chunk,
-                                       HAS_RESIDUAL=residual is not None, BF16_BITS=x.dtype == torch.bfloat16,
-                                       BLOCK=_BLOCK)
+            gradient = torch.empty(chunks, dtype=torch.int32, device=x.device) if bounded else per_chunk
+            K.absmax_kernel[(chunks,)](_elements(x), x if residual is None else residual, *table, per_chunk, gradient,
+                                       HAS_RESIDUAL=residual is not None, BOUNDED=bounded,
+                                       BF16_BITS=x.dtype == torch.bfloat16, BLOCK=_BLOCK)
             maxima.scatter_reduce_(0, table[0].long(), per_chunk, "amax")
+            if bounded:
+                bound = torch.zeros_like(maxima).scatter_reduce_(0, table[0].long(), gradient, "amax")
+                # quantize.bounded_absmax on the bits: the smaller where both are finite
+                # (below the bits of +inf), else the larger, so NaN/inf still poison the scale.
+                finite = (maxima < 0x7F800000) & (bound < 0x7F800000)
+                maxima = torch.where(finite, torch.minimum(maxima, bound), torch.maximum(maxima, bound))
         return maxima.view(torch.float32)
 
     @staticmethod
@@ -158,11 +166,12 @@ class TritonCodec(Codec):
         K.zre_write_kernel[(blocks,)](packed, n, carry, starts, body, BLOCK=_BLOCK)
         return total
 
-    def encode(self, x, residual, layout, sparsity, *, dtype=None, feedback=True, residual_out=None, zre=True):
+    def encode(self, x, residual, layout, sparsity, *, dtype=None, feedback=True, residual_out=None, zre=True,
+               bounded=True):
         x, residual, residual_out = self._prepare(x, residual, layout, feedback, residual_out)
         device, count, numel = x.device, len(layout.segments), layout.numel
         table = _chunk_table(layout, device)
-        scales = scales_from_absmax(self._absmax(x, residual, layout, table), sparsity)
+        scales = scales_from_absmax(self._absmax(x, residual, layout, table, bounded), sparsity)
         finite = torch.isfinite(scales).all().to(torch.int32)
         n5 = packed_length(numel)
 
@@ -256,11 +265,11 @@ class TritonCodec(Codec):
                                                      NUM_PAYLOADS=len(views), AVERAGE=average, BLOCK=_BLOCK)
         return out
 
-    def absmax(self, x, residual, layout):
+    def absmax(self, x, residual, layout, *, bounded=True):
         _check_input(x)
         x = x.reshape(-1)
         self._check(x, layout)
-        return self._absmax(x, self._residual(residual, x), layout, _chunk_table(layout, x.device)).clone()
+        return self._absmax(x, self._residual(residual, x), layout, _chunk_table(layout, x.device), bounded).clone()
 
     def encode_lanes(self, x, residual, layout, scales, world_size, *, feedback=True, residual_out=None):
         x, residual, residual_out = self._prepare(x, residual, layout, feedback, residual_out)

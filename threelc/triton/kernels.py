@@ -46,12 +46,18 @@ def _chunk(segment_ptr, position_ptr, offset_ptr, count_ptr, BLOCK: tl.constexpr
 
 
 @triton.jit
-def absmax_kernel(x_ptr, r_ptr, segment_ptr, position_ptr, offset_ptr, count_ptr, out_ptr,
-                  HAS_RESIDUAL: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr):
+def absmax_kernel(x_ptr, r_ptr, segment_ptr, position_ptr, offset_ptr, count_ptr, out_ptr, gradient_out_ptr,
+                  HAS_RESIDUAL: tl.constexpr, BOUNDED: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr):
     """Per chunk, the largest bit pattern of |x + r|: non-negative floats order like their
-    bits, and every NaN sorts above +inf, so a NaN anywhere makes the maximum a NaN."""
+    bits, and every NaN sorts above +inf, so a NaN anywhere makes the maximum a NaN.
+    ``BOUNDED`` also stores that of |x| (the bound of the scale), from the same load."""
     chunk, segment, position, at, mask = _chunk(segment_ptr, position_ptr, offset_ptr, count_ptr, BLOCK)
-    c = _compensated(x_ptr, r_ptr, at, mask, HAS_RESIDUAL, BF16_BITS)
+    c = _compensated(x_ptr, r_ptr, at, mask, False, BF16_BITS)
+    if BOUNDED:
+        bits = tl.where(mask, c.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
+        tl.store(gradient_out_ptr + chunk, tl.max(bits, 0))
+    if HAS_RESIDUAL:
+        c = c + tl.load(r_ptr + at, mask=mask, other=0.0)
     bits = tl.where(mask, c.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
     tl.store(out_ptr + chunk, tl.max(bits, 0))
 
