@@ -90,13 +90,11 @@ class ThreeLCState(ThreeLCEngine):
         bounded_scale: bound each tensor's scale by the current gradient, scale =
             s * min(max|g + r|, max|g|) (default True). Why: at a high s only values
             above max/s are sent, the residual grows until max|g + r| is many times
-            max|g|, and each step then kicks a few weights by s * max|g + r|, bursts that
-            momentum amplifies until training diverges (measured: digits-cnn at s = 1.9,
-            NaN with "sharded", 1-4 points lost with the others). Bounded, more values
-            are sent while the residual is large (those above the scale as +-scale), so
-            it drains as a stream; s = 1.9 then trains to within 0.6 points of
-            uncompressed on every transport. Without a residual both rules agree; False
-            restores the unbounded scale (for experiments).
+            max|g|, and each step then kicks a few weights by s * max|g + r|: bursts that
+            momentum amplifies until training diverges. Bounded, more values are sent
+            while the residual is large (those above the scale as +-scale), so it drains
+            as a stream (README: accuracy and bytes with and without). Without a residual
+            both rules agree; False restores the unbounded scale (for experiments).
         ranks_per_node: the node layout for ``"hierarchical"`` and ``"auto"``: group
             rank r runs on node r // ranks_per_node (default: torchrun's
             ``GROUP_RANK`` and ``LOCAL_WORLD_SIZE``). Every node must run the same

@@ -137,10 +137,10 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict | None:
     if args.hook in BUCKET_KEYED_HOOKS and ckpt is not None and not args.no_prime_buckets:
         prime_buckets(ddp, task, rank, world, start_step, device)
     meter = register_scheme(ddp, args.hook, sparsity=args.sparsity, sparsity_warmup=args.sparsity_warmup,
-                      transport=args.transport,
-                      start_iter=args.start_iter, error_feedback=not args.no_error_feedback,
-                      powersgd_rank=args.powersgd_rank, seed=args.seed,
-                      timeout=datetime.timedelta(seconds=args.dist_timeout))
+                            transport=args.transport, start_iter=args.start_iter,
+                            error_feedback=not args.no_error_feedback, bounded_scale=not args.unbounded_scale,
+                            powersgd_rank=args.powersgd_rank, seed=args.seed,
+                            timeout=datetime.timedelta(seconds=args.dist_timeout))
     opt = task.make_optimizer(ddp.parameters(), lr=args.lr, kind=args.optimizer)
 
     if ckpt is not None:

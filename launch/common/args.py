@@ -26,6 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--start-iter", type=int, default=2,
                    help="plain fp32 all-reduce for the first N steps (3LC start_iter, PowerSGD start_powerSGD_iter)")
     p.add_argument("--no-error-feedback", action="store_true")
+    p.add_argument("--unbounded-scale", action="store_true",
+                   help="3LC: scale = s * max|g + r| without the bound by the current gradient (experiments)")
     p.add_argument("--powersgd-rank", type=int, default=2)
     p.add_argument("--bucket-cap-mb", type=float, default=None,
                    help="DDP bucket size; PowerSGD on gloo needs one bucket (default for it: the whole model)")

@@ -88,6 +88,7 @@ def register_scheme(
     transport: str = "allgather",
     start_iter: int = 2,
     error_feedback: bool = True,
+    bounded_scale: bool = True,
     powersgd_rank: int = 2,
     seed: int = 0,
     timeout=None,
@@ -137,6 +138,7 @@ def register_scheme(
             transport=transport,
             start_iter=start_iter,
             error_feedback=error_feedback,
+            bounded_scale=bounded_scale,
             timeout=timeout,
         )
         ddp.register_comm_hook(state, threelc_hook)
