@@ -84,8 +84,9 @@ def test_digits_cnn_converges_like_uncompressed(config, converged):
     stats = result["stats"]
     assert stats["compressed_steps"] == 600 - WARMUP
     # A compressed step: lane packing caps allreduce at 64 / 15 = 4.3 bits per value for
-    # 4 ranks (7.5x); the zero-run encoded transports go far lower.
-    assert stats["last_step"]["ratio"] > (7 if config.startswith("allreduce") else 20), stats
+    # 4 ranks (7.5x); the zero-run encoded transports go far lower (the bounded scale, the
+    # default, sends about 1.25x the unbounded rule's bytes at s=1.0: README).
+    assert stats["last_step"]["ratio"] > (7 if config.startswith("allreduce") else 16), stats
 
 
 def checkpoint_runs(rank, world, template, resume):
