@@ -16,7 +16,7 @@ def _args(**overrides):
 def test_compress_matches_error_feedback():
     torch.manual_seed(0)
     x, residual = torch.randn(1000), torch.randn(1000) * 0.1
-    memory = ErrorFeedback(1.9)
+    memory = ErrorFeedback(1.9, bounded=False)  # the study replays the unbounded rule (README)
     memory.commit("t", residual.clone())
     expected = memory.step("t", x)
     decoded, new_residual = study.compress(x, residual, 1.9, _args())
