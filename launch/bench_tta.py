@@ -11,14 +11,17 @@ changed: ``none`` (DDP's fp32 all-reduce), ``fp16``, ``powersgd`` (rank 2, the
 whole model in one bucket) and 3LC at each sparsity multiplier on each
 transport, with threelc's default sparsity warm-up.  Rank 0 evaluates the test
 loss every ``--eval-every`` steps and records the training seconds spent so
-far (evaluations excluded).
+far (evaluations excluded).  ``none`` runs ``--steps`` (train.py's 300); every
+other hook runs ``--run-factor`` times as many, so a hook with cheaper steps has
+room to reach the target later in steps but sooner in time (the learning rate
+is constant, so the first ``--steps`` follow the same recipe either way).
 
 The targets of a (nodes, model) group come from its ``none`` cell: its final
 test loss, and that loss + ``--slack`` (2 %).  A cell's time to a target is the
-training seconds at its first evaluation at or below it; a cell that never gets
-there reports its final loss instead.  Traffic is what crossed the shaped links
-over the whole run (fp32 steps, warm-up and rendezvous included), as a ratio to
-``none``'s.  Needs root (netlab).
+training seconds at its first evaluation at or below it (— when it never gets
+there), next to its loss after ``--steps`` (the same steps as ``none``).
+Traffic is what crossed the shaped links per step over the whole run (fp32
+steps, warm-up and rendezvous included), as a ratio to ``none``'s.  Needs root (netlab).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ MODELS = ("charlm", "digits-cnn")
 BASELINES = ("none", "fp16", "powersgd")
 SPARSITIES = (1.0, 1.5, 1.9)
 QUICK = {"nodes": [2], "models": ["digits-cnn"], "baselines": ["none"], "sparsities": [1.9],
-         "transports": ["allgather"], "steps": 60}
+         "transports": ["allgather"], "steps": 60, "run_factor": 2}
 
 
 def _csv(kind):
@@ -60,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sparsities", type=_csv(float), default=None,
                    help=f"default {','.join(map(str, SPARSITIES))}")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default 300, train.py's)")
+    p.add_argument("--run-factor", type=int, default=3, help="steps of every hook but none: --steps times this")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--slack", type=float, default=0.02, help="second target: none's final loss times 1 + this")
     p.add_argument("--timeout", type=float, default=900, help="seconds per cell")
@@ -75,6 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.transports = a.transports or q.get("transports", list(FLAT_TRANSPORTS))
     a.sparsities = a.sparsities or q.get("sparsities", list(SPARSITIES))
     a.steps = a.steps or q.get("steps", 300)
+    a.run_factor = q.get("run_factor", a.run_factor)
     a.out = a.out or ("launch/results/raw/bench_tta_quick" if a.quick else "launch/results/bench_tta")
     if "none" not in a.baselines:
         p.error("the targets come from the 'none' cells: keep 'none' in --baselines")
@@ -93,7 +98,8 @@ def plan(a) -> list[dict]:
     for nodes in a.nodes:
         for model in a.models:
             for v in variants(a):
-                args = ["--model", model, "--hook", v["hook"], "--steps", str(a.steps), "--eval-every",
+                steps = a.steps if v["hook"] == "none" else a.steps * a.run_factor
+                args = ["--model", model, "--hook", v["hook"], "--steps", str(steps), "--eval-every",
                         str(a.eval_every), "--threads", "1", "--dist-timeout", "120", "--no-progress"]
                 if v["hook"] == "threelc":
                     args += ["--transport", v["transport"], "--sparsity", f"{v['sparsity']:g}"]
@@ -113,9 +119,11 @@ def run_cell(cell: dict, a, log_root: Path) -> dict:
         res = run_lab(cell["train_args"], nodes=cell["nodes"], rate=a.rate, timeout=a.timeout, strict=True,
                       log_dir=str(log_dir))
         t = res["train"]
-        curve = [(e["train_s"], e["loss"]) for e in t["evals"]] + [(t["train_s"], t["final_loss"])]
+        curve = [(e["step"], e["train_s"], e["loss"]) for e in t["evals"]]
+        curve.append((t["steps"], t["train_s"], t["final_loss"]))
         rec.update(curve=curve, final_loss=t["final_loss"], final_accuracy=t.get("final_accuracy"),
-                   step_time_s=t["mean_step_time_s"], wire_bytes=res["wire"]["total_tx_bytes"],
+                   loss_at_steps=next(loss for step, _, loss in curve if step >= a.steps),
+                   step_time_s=t["mean_step_time_s"], wire_bytes_per_step=res["wire"]["tx_bytes_per_step"],
                    hook_ratio=(t.get("whole_run") or {}).get("ratio"))
         shutil.rmtree(log_dir, ignore_errors=True)
     except (LabError, OSError, ValueError, KeyError) as e:
@@ -125,7 +133,7 @@ def run_cell(cell: dict, a, log_root: Path) -> dict:
 
 
 def time_to(curve: list, target: float) -> float | None:
-    return next((s for s, loss in curve if loss <= target), None)
+    return next((s for _, s, loss in curve if loss <= target), None)
 
 
 def derive(doc: dict) -> None:
@@ -139,8 +147,13 @@ def derive(doc: dict) -> None:
         c["target_loss"] = base["final_loss"]
         c["time_to_target_s"] = time_to(c["curve"], base["final_loss"])
         c["time_to_slack_s"] = time_to(c["curve"], base["final_loss"] * (1 + slack))
-        c["loss_vs_none"] = c["final_loss"] / base["final_loss"]
-        c["traffic_ratio"] = base["wire_bytes"] / c["wire_bytes"]
+        c["loss_vs_none"] = c["loss_at_steps"] / base["final_loss"]
+        c["traffic_ratio"] = base["wire_bytes_per_step"] / c["wire_bytes_per_step"]
+    for c in doc["cells"]:  # none's own time first: the loop above sets it
+        base = next((b for b in doc["cells"] if b["nodes"] == c["nodes"] and b["model"] == c["model"]
+                     and b["variant"] == "none" and b["status"] == "ok"), None)
+        if c["status"] == "ok" and base is not None and c.get("time_to_target_s"):
+            c["speedup_vs_none"] = base["time_to_target_s"] / c["time_to_target_s"]
 
 
 def _fmt(x, spec=".1f"):
@@ -151,23 +164,26 @@ def markdown(doc: dict) -> str:
     s = doc["settings"]
     lines = [f"# launch/bench_tta.py: time to the uncompressed loss at {s['rate']}", "",
              f"`{doc['command']}` — {doc['started']}, {doc['machine']}, git {doc['git_commit']}", "",
-             f"Seconds of training (evaluations excluded) until the test loss is at or below `none`'s final loss, "
-             f"and `none`'s final loss + {s['slack']:.0%}; — = not reached in {s['steps']} steps. Traffic: whole-run "
-             "bytes across the shaped links, none / cell.", ""]
+             f"Seconds of training (evaluations excluded) until the test loss is at or below `none`'s final loss "
+             f"after {s['steps']} steps, and that loss + {s['slack']:.0%}; — = not reached ({s['steps']} steps for "
+             f"none, {s['steps'] * s['run_factor']} for the others). Loss at step {s['steps']}: the same steps as "
+             "none. Traffic: bytes across the shaped links per step, whole run, none / cell.", ""]
     for nodes in s["nodes"]:
         for model in s["models"]:
             group = [c for c in doc["cells"] if c["nodes"] == nodes and c["model"] == model]
             if not group:
                 continue
             lines += [f"## {model}, {nodes} nodes", "",
-                      f"| hook | final loss | vs none | to none's loss (s) | to +{s['slack']:.0%} (s) "
-                      "| step (ms) | traffic (x less) |", "|---|---:|---:|---:|---:|---:|---:|"]
+                      f"| hook | loss at step {s['steps']} | vs none | to none's loss (s) | speed-up vs none "
+                      f"| to +{s['slack']:.0%} (s) | final loss | step (ms) | traffic (x less) |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for c in group:
                 if c["status"] != "ok":
-                    lines.append(f"| {c['variant']} | failed: {c['error'][-120:]!r} | | | | | |")
+                    lines.append(f"| {c['variant']} | failed: {c['error'][-120:]!r} | | | | | | | |")
                     continue
-                lines.append(f"| {c['variant']} | {c['final_loss']:.4f} | {_fmt(c.get('loss_vs_none'), '.3f')} "
-                             f"| {_fmt(c.get('time_to_target_s'))} | {_fmt(c.get('time_to_slack_s'))} "
+                lines.append(f"| {c['variant']} | {c['loss_at_steps']:.4f} | {_fmt(c.get('loss_vs_none'), '.3f')} "
+                             f"| {_fmt(c.get('time_to_target_s'))} | {_fmt(c.get('speedup_vs_none'), '.2f')} "
+                             f"| {_fmt(c.get('time_to_slack_s'))} | {c['final_loss']:.4f} "
                              f"| {c['step_time_s'] * 1e3:.1f} | {_fmt(c.get('traffic_ratio'))} |")
             lines.append("")
     return "\n".join(lines)
@@ -186,7 +202,7 @@ def plot(doc: dict, path: Path) -> None:
         for c in doc["cells"]:
             if c["nodes"] != nodes or c["model"] != model or c["status"] != "ok":
                 continue
-            xs, ys = zip(*c["curve"])
+            _, xs, ys = zip(*c["curve"])
             style = "-" if c["hook"] == "threelc" else "--"
             ax.plot(xs, ys, style, lw=1.2 if c["hook"] == "threelc" else 2, label=c["variant"].replace("threelc-", "3lc-"))
             if c["variant"] == "none":
