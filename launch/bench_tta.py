@@ -208,9 +208,10 @@ def plot(doc: dict, path: Path) -> None:
             if c["variant"] == "none":
                 ax.axhline(c["final_loss"] * (1 + s["slack"]), color="grey", lw=0.8, ls=":")
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_title(f"{model}, {nodes} nodes at {s['rate']}", fontsize=9)
         ax.set_xlabel("training seconds (log)")
-        ax.set_ylabel("test loss")
+        ax.set_ylabel("test loss (log)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=6, ncol=2)
     fig.suptitle(f"launch/bench_tta.py: test loss against training time (dotted: none's final loss + {s['slack']:.0%})",
