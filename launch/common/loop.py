@@ -127,7 +127,7 @@ class Measured:
     at_target: tuple[int, dict] | None = None
     iface: tuple[dict | None, dict | None] = (None, None)  # --wire-iface, before and after
     total_time_s: float = 0.0
-    train_s: float = 0.0  # total_time_s less evaluations and checkpoints
+    train_s: float = 0.0  # seconds inside steps so far: total_time_s less evaluations and checkpoints
 
     def per_step(self, key: str) -> float | None:
         before, after = self.counters
@@ -175,7 +175,6 @@ def run_steps(args, task, model, module, opt, meter, *, rank: int, world: int, d
     before = before_iface = None
     base_lrs = [group["lr"] for group in opt.param_groups]
     t_begin = time.perf_counter()
-    train_s = 0.0  # seconds inside steps so far (evaluations and checkpoints excluded)
     model.train()
     for step in range(start_step, args.steps):
         if args.fault_kill_at_step == step:
@@ -196,7 +195,7 @@ def run_steps(args, task, model, module, opt, meter, *, rank: int, world: int, d
         opt.step()
         sync(device)
         dt = time.perf_counter() - t0
-        train_s += dt
+        run.train_s += dt
         meter.step_done()
         if step >= first_measured:
             run.step_times.append(dt)
@@ -206,7 +205,7 @@ def run_steps(args, task, model, module, opt, meter, *, rank: int, world: int, d
             progress.update(1)
             progress.set_postfix(loss=f"{run.losses[-1]:.3f}", refresh=False)
         if args.eval_every and done % args.eval_every == 0 and done < args.steps and rank == 0:
-            run.evals.append({"step": done, "train_s": train_s, **task.evaluate(module)})
+            run.evals.append({"step": done, "train_s": run.train_s, **task.evaluate(module)})
             if progress is not None:
                 progress.write(f"[eval] step {done}: {run.evals[-1]}")
         if args.checkpoint and args.checkpoint_every and done % args.checkpoint_every == 0:
@@ -218,7 +217,6 @@ def run_steps(args, task, model, module, opt, meter, *, rank: int, world: int, d
     run.counters = (before, meter.counters())
     run.iface = (before_iface, read_iface(args.wire_iface))
     run.total_time_s = time.perf_counter() - t_begin
-    run.train_s = train_s
     if progress is not None:
         progress.close()
     saved_last = args.checkpoint_every and args.steps % args.checkpoint_every == 0
