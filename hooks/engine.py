@@ -142,9 +142,12 @@ class ThreeLCEngine:
         ``bytes_sent``/``bytes_received`` count the tensors this rank handed to and got
         from collectives (payloads, sizes, padding, warm-up all-reduces included);
         ``uncompressed_bytes`` what DDP's default all-reduce would have handed over;
-        ``ratio`` their quotient; ``zero_fraction`` the share of ternary zeros sent.
+        ``ratio`` their quotient; ``zero_fraction`` the share of ternary zeros sent;
+        ``node_exchange`` (hierarchical) ``"shared memory"`` or ``"process group"``.
         """
-        return self._stats.report(transport=self.transport_in_use, sparsity=self.sparsity_at(max(self.iter - 1, 0)))
+        node_exchange = self._transport.node_exchange if self._transport is not None else None
+        return self._stats.report(transport=self.transport_in_use, sparsity=self.sparsity_at(max(self.iter - 1, 0)),
+                                  node_exchange=node_exchange)
 
     def close(self) -> None:
         """Stop the communication thread once its queued work is done (idempotent).

@@ -13,10 +13,13 @@ With M nodes of L ranks each (group rank ``r`` on node ``r // L``, local rank ``
 3. inside a node, an all-gather of the averaged shards.
 
 Shard l's result comes from inter-node group l alone, whose members decode identical
-bytes, so every rank ends with the same bits. Agreement: after step 2 the local ranks
-of a node exchange a status (ok, not finite, undecodable). Each group's status is the
-same on every node, so the whole job takes the same branch; residuals are stored only
-when every group is ok (the flat transports' commits are held until then).
+bytes, so every rank ends with the same bits. Agreement: each shard travels in step 3
+with its group's status (ok, not finite, undecodable). Each group's status is the same
+on every node, so the whole job takes the same branch; residuals are stored only when
+every group is ok (the flat transports' commits are held until then).
+
+On CPU the node's ranks exchange through shared memory (hooks/shm.py), on CUDA through
+the node group's NCCL.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from threelc.backends import Layout
 
 from .collectives import Collectives
 from .pipeline import Deferred
+from .shm import SharedMemoryCollectives, host_collectives
 from .transports import (NOT_FINITE, OK, TRANSPORTS, UNDECODABLE, Transport, all_finite, choose_transport,
                          shard_lengths)
 
@@ -98,7 +102,8 @@ class HierarchicalTransport(Transport):
         self.ranks_per_node, self.nodes = ranks_per_node, world // ranks_per_node
         node, self.local_rank = divmod(rank, ranks_per_node)
         # Same creation order on every rank: the node's group, then the same-index group.
-        self.local = collectives.subgroup([node * ranks_per_node + j for j in range(ranks_per_node)])
+        self.local = host_collectives(collectives.subgroup([node * ranks_per_node + j for j in range(ranks_per_node)]))
+        self.node_exchange = "shared memory" if isinstance(self.local, SharedMemoryCollectives) else "process group"
         self.across = collectives.subgroup([n * ranks_per_node + self.local_rank for n in range(self.nodes)])
         self.inner_name = choose_transport("auto", self.nodes)
         self.inner: Transport = TRANSPORTS[self.inner_name](self.across, sparsity, error_feedback, bounded_scale)
@@ -141,35 +146,39 @@ class HierarchicalTransport(Transport):
 
         inner, seconds, zeros = self.inner, dict(self.inner.seconds), self.inner.zeros
         inner.held_commits, status, problem = [], OK, ""
+        longest = max(sizes)
+        # The status rides in the last element of the shard's all-gather: one
+        # synchronisation inside the node per bucket fewer than a separate exchange.
+        padded = torch.zeros(longest + 1, dtype=torch.float32, device=device)
         try:
             shard = inner.reduce([(k, me) for k in keys], node_mean, list(shards[me].segments))
             if not bool(torch.isfinite(shard).all()):
                 status = NOT_FINITE
+            padded[: sizes[me]] = shard
         except DecodeError as error:
             status, problem = UNDECODABLE, str(error)
         held, inner.held_commits = inner.held_commits, None
         for phase in self.seconds:
             self.seconds[phase] += inner.seconds[phase] - seconds[phase]
-        statuses = self.local.allgather(torch.tensor([status], device=device)).view(-1).tolist()
-        if not all_finite(statuses, "the inter-node group(s) of local rank(s) {failed} could not decode", problem):
-            return self._not_finite(grad.numel(), device)
-        for memory, *commit in held:
-            memory.commit(*commit)
-        self.zeros += inner.zeros - zeros
-        longest = max(sizes)
-        padded = torch.zeros(longest, dtype=torch.float32, device=device)
-        padded[: sizes[me]] = shard
+        zeros = inner.zeros - zeros
+        padded[-1] = status
         gathered = self.local.allgather_async(padded)
 
         def finish():
             rows = gathered.wait()
+            statuses = rows[:, -1].to(torch.int64).tolist()
+            if not all_finite(statuses, "the inter-node group(s) of local rank(s) {failed} could not decode", problem):
+                return self._not_finite(grad.numel(), device).finish()
+            for memory, *commit in held:
+                memory.commit(*commit)
+            self.zeros += zeros
             start = time.perf_counter()
             average = self._output(out, grad.numel(), device)
-            arrived = torch.cat([rows[j, : sizes[j]] for j in range(size)])
-            position = 0
-            for o, n in order:
-                average[o:o + n].copy_(arrived[position:position + n])
-                position += n
+            for row, shard in zip(rows, shards):  # each row is one shard's pieces end to end
+                position = 0
+                for o, n in zip(shard.offsets, shard.segments):
+                    average[o:o + n].copy_(row[position:position + n])
+                    position += n
             self._timed("decode", start)
             return average
 

@@ -55,6 +55,7 @@ class Transport:
     """
 
     name = ""
+    node_exchange: str | None = None  # how a node's ranks exchange (hierarchical only)
 
     def __init__(self, collectives: Collectives, sparsity: float, error_feedback: bool = True,
                  bounded_scale: bool = True):

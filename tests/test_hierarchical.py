@@ -11,6 +11,7 @@ import torch
 
 import threelc
 from threelc.hooks.hierarchical import HierarchicalTransport, agree_node_layout, node_claim
+from threelc.hooks.shm import SHM_DIR_ENV
 from threelc.hooks.transports import choose_transport
 
 from ranks import all_ok, run_ranks
@@ -40,6 +41,10 @@ def hierarchical_runs(rank, world):
     states[rank] = first["state"]
     results["resumed"] = train_carrier(rank, world, "hierarchical", steps=3, ranks_per_node=RANKS_PER_NODE,
                                        saved=states)
+    # Last: it leaves shared memory off in this process. The node's exchange then runs
+    # over the node's process group, as it does on NCCL.
+    results["process group"] = train_carrier(rank, world, "hierarchical", ranks_per_node=RANKS_PER_NODE,
+                                             env={rank: {SHM_DIR_ENV: ""}})
     return results
 
 
@@ -60,10 +65,12 @@ def runs(tmp_path_factory):
 def test_ddp_equals_codec_reference_on_every_rank(layout, runs):
     per_rank = runs(layout)
     world = len(per_rank)
-    for scenario in ("explicit", "auto"):
+    for scenario, exchange in (("explicit", "shared memory"), ("auto", "shared memory"),
+                               ("process group", "process group")):
         results = [r[scenario] for r in per_rank]
         assert_ranks_agree(results)
         assert results[0]["stats"]["transport"] == "hierarchical", scenario
+        assert all(r["stats"]["node_exchange"] == exchange for r in results), scenario
         assert_matches_reference(results[0], world, "hierarchical", 1.5, ranks_per_node=RANKS_PER_NODE)
         stats = results[0]["stats"]
         assert 0 < stats["bytes_sent"] < stats["uncompressed_bytes"] * stats["steps"]

@@ -1,0 +1,83 @@
+"""hooks/shm.py: collectives through shared memory equal gloo's, bit for bit; files go away; no shared host, no shm."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from threelc.hooks.collectives import TorchCollectives
+from threelc.hooks.shm import MIN_CAPACITY, SharedMemoryCollectives, host_collectives
+
+from ranks import all_ok, run_ranks
+
+WORLD = 3
+
+
+def tensors(rank: int, step: int):
+    """Per step: a float tensor to split unevenly and an int64 matrix, growing past the first capacities."""
+    g = torch.Generator().manual_seed(100 * step + rank)
+    rows = [1, 7, 300, 20_000, 3, 2 * MIN_CAPACITY, 50][step]
+    values = torch.randn(rows * WORLD + rank, generator=g)  # ranks send different totals
+    matrix = torch.randint(-2**40, 2**40, (rows, 3), generator=g)
+    return values, matrix
+
+
+def exchanges(rank, world, directory):
+    plain = TorchCollectives().subgroup(list(range(world)))
+    shared = host_collectives(plain, directory)
+    out = {"kind": type(shared).__name__, "equal": [], "leftover": None}
+    for step in range(7):
+        values, matrix = tensors(rank, step)
+        # Split j of rank r: its own lengths; the receivers' lengths follow from the senders'.
+        send = [values.numel() // world + (1 if j < values.numel() % world else 0) for j in range(world)]
+        lengths = plain.allgather(torch.tensor(send)).tolist()
+        recv = [lengths[j][rank] for j in range(world)]
+        pending = shared.allgather_async(matrix)
+        a = shared.alltoall(values, send, recv)
+        total = shared.allreduce(torch.tensor([float(step + rank)]), "sum")
+        gathered = pending.wait()
+        b = shared.allgather(values[:2].clone())
+        out["equal"].append(torch.equal(a, plain.alltoall(values, send, recv))
+                            and torch.equal(gathered, plain.allgather(matrix))
+                            and torch.equal(b, plain.allgather(values[:2].clone()))
+                            and float(total) == sum(step + r for r in range(world)))
+    for _ in range(2):  # no growth: the files of the last growth are unlinked after the next barriers
+        shared.allgather(torch.ones(4))
+    plain.allgather(torch.zeros(1))  # every rank is past those barriers before anyone looks
+    out["leftover"] = sorted(os.listdir(directory)) if directory and os.path.isdir(directory) else []
+    return out
+
+
+def separate_directories(rank, world, root):
+    """Each rank sees its own directory: they share no memory, so the group must stay as it was."""
+    directory = os.path.join(root, f"rank{rank}")
+    os.makedirs(directory, exist_ok=True)
+    plain = TorchCollectives().subgroup(list(range(world)))
+    chosen = host_collectives(plain, directory)
+    return {"same": chosen is plain, "off": host_collectives(plain, "") is plain, "files": os.listdir(directory)}
+
+
+def test_shared_memory_collectives_equal_gloo_and_leave_no_files(tmp_path):
+    directory = tmp_path / "shm"
+    directory.mkdir()
+    results = all_ok(run_ranks(exchanges, WORLD, str(directory), workdir=tmp_path / "run", timeout=300))
+    for rank, result in enumerate(results):
+        assert result["kind"] == SharedMemoryCollectives.__name__, rank
+        assert all(result["equal"]), (rank, result["equal"])
+        assert result["leftover"] == [], result["leftover"]
+
+
+def test_ranks_that_share_no_directory_keep_their_process_group(tmp_path):
+    results = all_ok(run_ranks(separate_directories, WORLD, str(tmp_path / "dirs"), workdir=tmp_path / "run"))
+    assert all(r["same"] and r["off"] for r in results)
+    assert all(r["files"] == [] for r in results)
+
+
+def test_non_gloo_or_single_rank_groups_are_left_alone():
+    class Fake(TorchCollectives):
+        def __init__(self):  # no process group needed: the world size decides first
+            self.world_size, self.rank, self.parent = 1, 0, None
+
+    fake = Fake()
+    assert host_collectives(fake, "/dev/shm") is fake
