@@ -12,6 +12,9 @@ With M nodes of L ranks each (group rank ``r`` on node ``r // L``, local rank ``
    its own residuals, keyed per (parameter, piece) so they survive bucket rebuilds;
 3. inside a node, an all-gather of the averaged shards.
 
+``start`` runs steps 1 and 2 up to the inter-node payload in flight; ``finish`` decodes
+it and runs step 3, so the next bucket's node reduction overlaps this one's transfer.
+
 Shard l's result comes from inter-node group l alone, whose members decode identical
 bytes, so every rank ends with the same bits. Agreement: each shard travels in step 3
 with its group's status (ok, not finite, undecodable). Each group's status is the same
@@ -101,9 +104,15 @@ class HierarchicalTransport(Transport):
             raise ConfigurationError(f"{world} ranks cannot form nodes of {ranks_per_node}")
         self.ranks_per_node, self.nodes = ranks_per_node, world // ranks_per_node
         node, self.local_rank = divmod(rank, ranks_per_node)
-        # Same creation order on every rank: the node's group, then the same-index group.
-        self.local = host_collectives(collectives.subgroup([node * ranks_per_node + j for j in range(ranks_per_node)]))
-        self.node_exchange = "shared memory" if isinstance(self.local, SharedMemoryCollectives) else "process group"
+        # Same creation order on every rank: the node's two groups, then the same-index group.
+        # Two node groups: the reduce-scatter runs in start() and the all-gather in finish(),
+        # and the pipeline may start bucket k+1 before it finishes bucket k; on groups of
+        # their own each keeps the bucket order on every rank, whatever that timing.
+        node_ranks = [node * ranks_per_node + j for j in range(ranks_per_node)]
+        self.scatter = host_collectives(collectives.subgroup(node_ranks))
+        self.gather = host_collectives(collectives.subgroup(node_ranks))
+        shared = isinstance(self.scatter, SharedMemoryCollectives) and isinstance(self.gather, SharedMemoryCollectives)
+        self.node_exchange = "shared memory" if shared else "process group"
         self.across = collectives.subgroup([n * ranks_per_node + self.local_rank for n in range(self.nodes)])
         self.inner_name = choose_transport("auto", self.nodes)
         self.inner: Transport = TRANSPORTS[self.inner_name](self.across, sparsity, error_feedback, bounded_scale)
@@ -136,7 +145,7 @@ class HierarchicalTransport(Transport):
         # Slices, not an index gather: contiguous copies run at memory speed.
         outgoing = torch.cat([flat[o:o + n] for o, n in order]).float() if order else flat.float()
         self._timed("encode", start)
-        received = self.local.alltoall(outgoing, sizes, [sizes[me]] * size).view(size, sizes[me])
+        received = self.scatter.alltoall(outgoing, sizes, [sizes[me]] * size).view(size, sizes[me])
         start = time.perf_counter()
         node_mean = torch.zeros(sizes[me], dtype=torch.float32, device=device)
         for row in received:  # local-rank order: the float order the reference fixes
@@ -144,34 +153,37 @@ class HierarchicalTransport(Transport):
         node_mean.div_(size)
         self._timed("encode", start)
 
-        inner, seconds, zeros = self.inner, dict(self.inner.seconds), self.inner.zeros
-        inner.held_commits, status, problem = [], OK, ""
-        longest = max(sizes)
-        # The status rides in the last element of the shard's all-gather: one
-        # synchronisation inside the node per bucket fewer than a separate exchange.
-        padded = torch.zeros(longest + 1, dtype=torch.float32, device=device)
+        # The inter-node exchange is left in flight: the pipeline starts the next bucket
+        # meanwhile. Its residual commits are held until the whole node agrees (finish).
+        held, problem = [], []
         try:
-            shard = inner.reduce([(k, me) for k in keys], node_mean, list(shards[me].segments))
-            if not bool(torch.isfinite(shard).all()):
-                status = NOT_FINITE
-            padded[: sizes[me]] = shard
+            between = self._inner(held, lambda: self.inner.start([(k, me) for k in keys], node_mean,
+                                                                list(shards[me].segments)))
         except DecodeError as error:
-            status, problem = UNDECODABLE, str(error)
-        held, inner.held_commits = inner.held_commits, None
-        for phase in self.seconds:
-            self.seconds[phase] += inner.seconds[phase] - seconds[phase]
-        zeros = inner.zeros - zeros
-        padded[-1] = status
-        gathered = self.local.allgather_async(padded)
+            between, problem = None, [str(error)]
 
         def finish():
-            rows = gathered.wait()
+            status, longest = OK, max(sizes)
+            # The status rides in the last element of the shard's all-gather: one
+            # synchronisation inside the node per bucket fewer than a separate exchange.
+            padded = torch.zeros(longest + 1, dtype=torch.float32, device=device)
+            try:
+                if between is None:
+                    raise DecodeError(problem[0])
+                shard = self._inner(held, between.finish)
+                if not bool(torch.isfinite(shard).all()):
+                    status = NOT_FINITE
+                padded[: sizes[me]] = shard
+            except DecodeError as error:
+                status, problem[:] = UNDECODABLE, [str(error)]
+            padded[-1] = status
+            rows = self.gather.allgather(padded)
             statuses = rows[:, -1].to(torch.int64).tolist()
-            if not all_finite(statuses, "the inter-node group(s) of local rank(s) {failed} could not decode", problem):
+            if not all_finite(statuses, "the inter-node group(s) of local rank(s) {failed} could not decode",
+                              problem[0] if problem else ""):
                 return self._not_finite(grad.numel(), device).finish()
             for memory, *commit in held:
                 memory.commit(*commit)
-            self.zeros += zeros
             start = time.perf_counter()
             average = self._output(out, grad.numel(), device)
             for row, shard in zip(rows, shards):  # each row is one shard's pieces end to end
@@ -182,7 +194,19 @@ class HierarchicalTransport(Transport):
             self._timed("decode", start)
             return average
 
-        return Deferred(finish, (gathered,))
+        return Deferred(finish, (between,) if between is not None else ())
+
+    def _inner(self, held: list, step):
+        """Run ``step`` of the inner transport with its commits into ``held`` and its time and zeros counted here."""
+        inner, seconds, zeros = self.inner, dict(self.inner.seconds), self.inner.zeros
+        inner.held_commits = held
+        try:
+            return step()
+        finally:
+            inner.held_commits = None
+            for phase in self.seconds:
+                self.seconds[phase] += inner.seconds[phase] - seconds[phase]
+            self.zeros += inner.zeros - zeros
 
     def set_sparsity(self, sparsity: float) -> None:
         super().set_sparsity(sparsity)

@@ -12,7 +12,9 @@ A job runs its bucket up to the last collective, which it leaves in flight, and 
 back a ``Deferred`` for the rest. The thread then starts the next bucket (if one is
 queued) before finishing the previous one, so bucket k+1's encoding overlaps bucket
 k's transfer and bucket k's decoding overlaps bucket k+1's transfer. Finishing issues no
-collective, so the order of collectives stays the bucket order whatever the timing.
+collective on a group that starting uses (the hierarchical transport's node all-gather
+has a group of its own), so on every group the order of collectives stays the bucket
+order whatever the timing.
 """
 
 from __future__ import annotations
