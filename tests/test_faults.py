@@ -205,7 +205,8 @@ def peer_fault(rank, world, fault, transport, workdir):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8))
     ddp = DDP(model, bucket_cap_mb=0.02)  # a few buckets
-    state = ThreeLCState(sparsity=1.5, transport=transport, timeout=datetime.timedelta(seconds=HOOK_TIMEOUT_S))
+    state = ThreeLCState(sparsity=1.5, transport=transport, timeout=datetime.timedelta(seconds=HOOK_TIMEOUT_S),
+                         ranks_per_node=2 if transport == "hierarchical" else None)
     ddp.register_comm_hook(state, threelc_hook)
     generator = torch.Generator().manual_seed(rank)
     for step in range(FAULT_STEP + 3):
@@ -227,10 +228,13 @@ def peer_fault(rank, world, fault, transport, workdir):
     return {"step": None}
 
 
-@pytest.mark.parametrize("fault,transport", [("dies", "allgather"), ("hangs", "sharded")])
-def test_peer_that_dies_or_hangs_fails_the_step_not_the_job(fault, transport, tmp_path):
+# Hierarchical: 2 nodes of 2; rank 1 is rank 0's node peer, so rank 0 waits at the
+# node's shared-memory barrier (a gloo all-gather under the hook's timeout).
+@pytest.mark.parametrize("fault,transport,world", [("dies", "allgather", 2), ("hangs", "sharded", 2),
+                                                   ("hangs", "hierarchical", 4)])
+def test_peer_that_dies_or_hangs_fails_the_step_not_the_job(fault, transport, world, tmp_path):
     start = time.monotonic()
-    results = run_ranks(peer_fault, 2, fault, transport, str(tmp_path), workdir=tmp_path, timeout=90)
+    results = run_ranks(peer_fault, world, fault, transport, str(tmp_path), workdir=tmp_path, timeout=90)
     survivor = results[0]
     assert not isinstance(survivor, RankFailed), survivor
     assert survivor["step"] == FAULT_STEP, survivor
