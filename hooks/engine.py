@@ -17,6 +17,7 @@ in the same order on every rank.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Hashable, Protocol
 
 import torch
@@ -30,6 +31,8 @@ from .pipeline import CommPipeline, Deferred
 from .settings import STATE_VERSION, Settings, agree
 from .stats import TrafficStats
 from .transports import TRANSPORTS, choose_transport
+
+_log = logging.getLogger("threelc")
 
 
 class Group(Protocol):
@@ -191,8 +194,13 @@ class ThreeLCEngine:
             except ThreeLCError as error:
                 raise type(error)(f"threelc step {step}, bucket {index}: {error}") from error
             except Exception as error:  # noqa: BLE001 - a collective failed: a peer died, hung or left
-                raise CommunicationError(f"threelc step {step}, bucket {index} ({self.transport_in_use} "
-                                         f"transport): {type(error).__name__}: {error}") from error
+                message = (f"threelc step {step}, bucket {index} ({self.transport_in_use} transport): "
+                           f"{type(error).__name__}: {error}")
+                # Logged here, on the communication thread, the moment it fails: torchrun
+                # stops the surviving workers soon after a peer dies, often before the
+                # exception reaches backward() and its traceback is printed.
+                _log.error("%s", message)
+                raise CommunicationError(message) from error
 
         return named(run).wrapped(named)
 
