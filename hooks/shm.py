@@ -26,10 +26,13 @@ most the files of its last two collectives in ``/dev/shm``; a finished one leave
 ``host_collectives`` decides whether a group can use this: only a gloo group whose
 members prove, through files they write and read back, that they share the directory.
 Otherwise (NCCL, ranks on different hosts, no ``/dev/shm``) the group stays as it was.
+A segment that cannot grow (a full tmpfs) is reported in the barrier's table, and every
+member then finishes that collective, and all later ones, over the process group.
 """
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import secrets
@@ -40,6 +43,7 @@ import torch.distributed as dist
 
 from .collectives import Collectives, Pending, TorchCollectives
 
+_log = logging.getLogger("threelc")
 SHM_DIR_ENV = "THREELC_SHM_DIR"  # "" turns shared memory off; unset: /dev/shm
 MIN_CAPACITY = 1 << 16  # bytes per half of a segment; capacities are powers of two
 
@@ -65,7 +69,13 @@ def _map(path: str, size: int | None = None) -> torch.Tensor:
     fd = os.open(path, flags, 0o600)
     try:
         if size is not None:
-            os.ftruncate(fd, size)
+            # Reserved now, not on first touch: a full tmpfs (Docker's 64 MB /dev/shm)
+            # then fails here with ENOSPC instead of killing the process with SIGBUS later.
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError:
+                os.unlink(path)
+                raise
         return torch.frombuffer(mmap.mmap(fd, 0), dtype=torch.uint8)
     finally:
         os.close(fd)
@@ -95,6 +105,7 @@ class SharedMemoryCollectives(Collectives):
         self._peers: dict[int, tuple[int, torch.Tensor]] = {}  # rank -> (generation, mapped segment)
         self._generation, self._capacity, self._segment = 0, MIN_CAPACITY, None
         self._unlink_next: list[str] = []  # own files every peer will have mapped after the next barrier
+        self._fallen_back, self._no_room = False, ""  # a segment could not grow: the process group from then on
         tokens = group.allgather(torch.tensor([secrets.randbits(62)], dtype=torch.int64)).view(-1).tolist()
         self._prefix = os.path.join(directory, f"threelc-{tokens[0]:x}")
         self._own_files: list[str] = []
@@ -148,11 +159,15 @@ class SharedMemoryCollectives(Collectives):
         self._settle()
         half = self._count_calls % 2
         self._count_calls += 1
-        grew = data.numel() > self._capacity
+        grew, room = data.numel() > self._capacity, True
         if grew:
-            self._grow(self._generation + 1, max(MIN_CAPACITY, 1 << (data.numel() - 1).bit_length()))
-        start = half * self._capacity
-        self._segment[start:start + data.numel()].copy_(data)
+            try:
+                self._grow(self._generation + 1, max(MIN_CAPACITY, 1 << (data.numel() - 1).bit_length()))
+            except OSError as error:  # no room: told to every peer in the barrier's table
+                grew, room, self._no_room = False, False, f"{type(error).__name__}: {error}"
+        if room:
+            start = half * self._capacity
+            self._segment[start:start + data.numel()].copy_(data)
         unlink, self._unlink_next = self._unlink_next, [self._own_files[-1]] if grew else []
 
         def read_after(done: torch.Tensor) -> torch.Tensor:
@@ -161,14 +176,25 @@ class SharedMemoryCollectives(Collectives):
             self._own_files[:] = [f for f in self._own_files if f not in unlink]
             return done
 
-        table = torch.tensor([self._generation, self._capacity, *offsets], dtype=torch.int64)
+        table = torch.tensor([int(room), self._generation, self._capacity, *offsets], dtype=torch.int64)
         barrier = self.group.allgather_async(table)
         return Pending(barrier, barrier, then=lambda pending: read_after(pending.wait())), half
 
     def _piece(self, table: torch.Tensor, peer: int, half: int, index: int, length: int) -> torch.Tensor:
-        generation, capacity = int(table[peer, 0]), int(table[peer, 1])
-        start = half * capacity + int(table[peer, 2 + index])
+        generation, capacity = int(table[peer, 1]), int(table[peer, 2])
+        start = half * capacity + int(table[peer, 3 + index])
         return self._peer_segment(peer, generation)[start:start + length]
+
+    def _room_everywhere(self, table: torch.Tensor) -> bool:
+        """False (and the process group from now on, on every member alike) if a rank could not grow its segment."""
+        if bool(table[:, 0].all()):
+            return True
+        short = [r for r in range(self.world_size) if not int(table[r, 0])]
+        _log.warning("threelc: shared memory under %s has no room for rank(s) %s of this node (%s); the node's "
+                     "exchange continues over its process group", os.path.dirname(self._prefix), short,
+                     self._no_room or "see that rank's log")
+        self._fallen_back = True
+        return False
 
     def allreduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         self._settle()
@@ -178,6 +204,9 @@ class SharedMemoryCollectives(Collectives):
         return self.allgather_async(tensor).wait()
 
     def allgather_async(self, tensor: torch.Tensor) -> Pending:
+        if self._fallen_back:
+            self._settle()
+            return self.group.allgather_async(tensor)
         data = _bytes(tensor)
         barrier, half = self._publish(data, [0])
         result = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype)
@@ -185,6 +214,8 @@ class SharedMemoryCollectives(Collectives):
 
         def read(_):
             table = barrier.wait()
+            if not self._room_everywhere(table):
+                return self.group.allgather(tensor)  # before any later collective: each one settles this first
             rows = _bytes(result).view(self.world_size, -1)
             for peer in range(self.world_size):
                 rows[peer].copy_(data if peer == self.rank else self._piece(table, peer, half, 0, data.numel()))
@@ -195,14 +226,19 @@ class SharedMemoryCollectives(Collectives):
         return pending
 
     def alltoall(self, tensor: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
+        if self._fallen_back:
+            self._settle()
+            return self.group.alltoall(tensor, send_splits, recv_splits)
         row = _bytes(tensor[:1]).numel() if tensor.shape[0] else 0
         data = _bytes(tensor)
         offsets = [0]
         for rows in send_splits[:-1]:
             offsets.append(offsets[-1] + rows * row)
         barrier, half = self._publish(data, offsets)
-        result = torch.empty(sum(recv_splits), *tensor.shape[1:], dtype=tensor.dtype)
         table = barrier.wait()
+        if not self._room_everywhere(table):
+            return self.group.alltoall(tensor, send_splits, recv_splits)
+        result = torch.empty(sum(recv_splits), *tensor.shape[1:], dtype=tensor.dtype)
         out, position = _bytes(result), 0
         for peer, rows in enumerate(recv_splits):
             length = rows * row

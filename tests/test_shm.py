@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import resource
+import signal
 
 import torch
 
@@ -56,6 +58,37 @@ def separate_directories(rank, world, root):
     plain = TorchCollectives().subgroup(list(range(world)))
     chosen = host_collectives(plain, directory)
     return {"same": chosen is plain, "off": host_collectives(plain, "") is plain, "files": os.listdir(directory)}
+
+
+def no_room_on_rank_1(rank, world, directory):
+    """Rank 1's files may not grow past 1 MB (as in a full tmpfs): every rank falls back at the same collective."""
+    plain = TorchCollectives().subgroup(list(range(world)))
+    shared = host_collectives(plain, directory)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if rank == 1:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limit[1]))
+    equal, fallen = [], []
+    try:
+        for n in (1000, 20_000, 1_000_000, 10):  # the third: 4 MB, past rank 1's limit
+            x = torch.arange(n * world, dtype=torch.float32) + 1000 * rank
+            pending = shared.allgather_async(x[:n])
+            a = shared.alltoall(x, [n] * world, [n] * world)
+            equal.append(torch.equal(a, plain.alltoall(x, [n] * world, [n] * world))
+                         and torch.equal(pending.wait(), plain.allgather(x[:n])))
+            fallen.append(shared._fallen_back)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    return {"equal": equal, "fallen": fallen}
+
+
+def test_a_segment_without_room_moves_every_rank_to_the_process_group(tmp_path):
+    directory = tmp_path / "shm"
+    directory.mkdir()
+    results = all_ok(run_ranks(no_room_on_rank_1, WORLD, str(directory), workdir=tmp_path / "run", timeout=300))
+    for result in results:
+        assert all(result["equal"]), result
+        assert result["fallen"] == [False, False, True, True], result
 
 
 def test_shared_memory_collectives_equal_gloo_and_leave_no_files(tmp_path):
