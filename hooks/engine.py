@@ -143,7 +143,9 @@ class ThreeLCEngine:
         """Traffic of this rank: totals since construction and the last finished step.
 
         ``bytes_sent``/``bytes_received`` count the tensors this rank handed to and got
-        from collectives (payloads, sizes, padding, warm-up all-reduces included);
+        from collectives (payloads, sizes, padding, warm-up all-reduces included; for
+        hierarchical, those between nodes, and ``node_bytes_sent``/``node_bytes_received``
+        its exact fp32 exchange inside the node);
         ``uncompressed_bytes`` what DDP's default all-reduce would have handed over;
         ``ratio`` their quotient; ``zero_fraction`` the share of ternary zeros sent;
         ``node_exchange`` (hierarchical) ``"shared memory"`` or ``"process group"``.
@@ -274,6 +276,8 @@ class ThreeLCEngine:
 
     def _running_counters(self) -> dict:
         transport = self._transport
+        node_sent, node_received = transport.node_traffic()
         return {"bytes_sent": self._collectives.bytes_sent, "bytes_received": self._collectives.bytes_received,
+                "node_bytes_sent": node_sent, "node_bytes_received": node_received,
                 "zeros": transport.zeros, "encode_seconds": transport.seconds["encode"],
                 "decode_seconds": transport.seconds["decode"]}

@@ -109,14 +109,25 @@ class HierarchicalTransport(Transport):
         # and the pipeline may start bucket k+1 before it finishes bucket k; on groups of
         # their own each keeps the bucket order on every rank, whatever that timing.
         node_ranks = [node * ranks_per_node + j for j in range(ranks_per_node)]
-        self.scatter = host_collectives(collectives.subgroup(node_ranks))
-        self.gather = host_collectives(collectives.subgroup(node_ranks))
+        self.scatter, self.gather = self._node_group(collectives, node_ranks), self._node_group(collectives, node_ranks)
         shared = isinstance(self.scatter, SharedMemoryCollectives) and isinstance(self.gather, SharedMemoryCollectives)
         self.node_exchange = "shared memory" if shared else "process group"
         self.across = collectives.subgroup([n * ranks_per_node + self.local_rank for n in range(self.nodes)])
         self.inner_name = choose_transport("auto", self.nodes)
         self.inner: Transport = TRANSPORTS[self.inner_name](self.across, sparsity, error_feedback, bounded_scale)
         self._plans: dict = {}
+
+    @staticmethod
+    def _node_group(collectives: Collectives, ranks: list[int]) -> Collectives:
+        group = collectives.subgroup(ranks)
+        # Not counted into the job's bytes: those are the traffic between nodes, the
+        # figure compression is about; node_traffic() reports the fp32 exchange inside.
+        group.parent = None
+        return host_collectives(group)
+
+    def node_traffic(self) -> tuple[int, int]:
+        groups = (self.scatter, self.gather)
+        return sum(g.bytes_sent for g in groups), sum(g.bytes_received for g in groups)
 
     def _plan(self, segments: list[int]):
         """Per local rank j: its shard's piece lengths and where they lie in the bucket (cached)."""

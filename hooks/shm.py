@@ -14,8 +14,8 @@ Protocol of collective k (every member makes the same calls in the same order):
    collective k's barrier is done reading collective k-1;
 2. write this rank's tensor into half ``k % 2`` of its segment; a segment too small is
    replaced by a larger one in a new file (a new *generation*);
-3. all-gather ``[generation, capacity, piece offsets]`` over gloo: the barrier, which also
-   tells every peer where to read and which file to map;
+3. all-gather ``[room, generation, capacity, piece offsets]`` over gloo: the barrier,
+   which also tells every peer where to read and which file to map;
 4. copy the pieces out of the peers' segments.
 
 Half ``k % 2`` is written again at collective k+2, after collective k+1's barrier, which
@@ -209,7 +209,7 @@ class SharedMemoryCollectives(Collectives):
             return self.group.allgather_async(tensor)
         data = _bytes(tensor)
         barrier, half = self._publish(data, [0])
-        result = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype)
+        result = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
         self._count(tensor, result)
 
         def read(_):
@@ -238,7 +238,7 @@ class SharedMemoryCollectives(Collectives):
         table = barrier.wait()
         if not self._room_everywhere(table):
             return self.group.alltoall(tensor, send_splits, recv_splits)
-        result = torch.empty(sum(recv_splits), *tensor.shape[1:], dtype=tensor.dtype)
+        result = torch.empty(sum(recv_splits), *tensor.shape[1:], dtype=tensor.dtype, device=tensor.device)
         out, position = _bytes(result), 0
         for peer, rows in enumerate(recv_splits):
             length = rows * row

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-STAT_KEYS = ("bytes_sent", "bytes_received", "uncompressed_bytes", "numel", "zeros", "encode_seconds",
-             "decode_seconds")
+STAT_KEYS = ("bytes_sent", "bytes_received", "node_bytes_sent", "node_bytes_received", "uncompressed_bytes", "numel",
+             "zeros", "encode_seconds", "decode_seconds")
 # Counted by the collectives and the transport as running totals (the rest per bucket here).
-RUNNING_KEYS = ("bytes_sent", "bytes_received", "zeros", "encode_seconds", "decode_seconds")
+RUNNING_KEYS = ("bytes_sent", "bytes_received", "node_bytes_sent", "node_bytes_received", "zeros", "encode_seconds",
+                "decode_seconds")
 
 
 class TrafficStats:

@@ -90,6 +90,10 @@ class Transport:
     def reduce(self, keys, grad, segments, out=None) -> torch.Tensor:
         return self.start(keys, grad, segments, out).finish()
 
+    def node_traffic(self) -> tuple[int, int]:
+        """Bytes sent and received inside the node, counted apart from ``collectives`` (hierarchical only)."""
+        return 0, 0
+
     def _layout(self, segments: list[int]) -> Layout:
         key = tuple(segments)
         layout = self._layouts.get(key)

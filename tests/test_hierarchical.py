@@ -178,16 +178,17 @@ def test_transport_equals_reference_with_regrouped_tensors(nodes, per_node, segm
 
 
 def test_traffic_between_nodes_is_one_shard_per_rank():
-    """Inter-node groups carry 1/L of the bucket each; the node subgroups count into the job's counters."""
+    """Inter-node groups carry 1/L of the bucket each; the job counts them, the node groups count apart."""
     def body(rank, collectives):
         transport = HierarchicalTransport(collectives, 1.0, True, 2)
         transport.reduce(list(range(len(SEGMENTS))), _gradient(rank, 0), SEGMENTS)
-        local = transport.scatter.bytes_sent + transport.gather.bytes_sent
-        return transport.across.bytes_sent, local, collectives.bytes_sent, transport.inner.name
+        return transport.across.bytes_sent, transport.node_traffic(), collectives.bytes_sent, transport.inner.name
 
-    for across, local, total, inner in ThreadWorld(4).run(body):
-        assert inner == "allgather" and total == across + local > 0
+    for across, (node_sent, node_received), total, inner in ThreadWorld(4).run(body):
+        assert inner == "allgather" and total == across > 0  # the job's count is the traffic between nodes
         assert across < sum(SEGMENTS) * 4 / 2  # under half an fp32 copy of the bucket
+        # fp32 inside the node: the whole bucket to the all-to-all, a shard (+ status) to the all-gather
+        assert node_sent >= sum(SEGMENTS) * 4 * 3 / 2 and node_received >= node_sent
 
 
 def test_layout_agreement():
