@@ -99,6 +99,16 @@ class ThreeLCState(ThreeLCEngine):
             rank r runs on node r // ranks_per_node (default: torchrun's
             ``GROUP_RANK`` and ``LOCAL_WORLD_SIZE``). Every node must run the same
             number of ranks; the first hook call checks it on every rank.
+        scale_block: elements per scale (default 0: one scale per tensor). Each tensor
+            is cut into blocks of this many elements, each block with a scale of its own
+            (12 bytes of payload per block). Use it with Adam and its kin: Adam divides
+            each element's step by the root of its mean squared gradient, and with one
+            scale per tensor an element whose gradient is small next to the tensor's
+            largest arrives as a rare burst of the whole scale, whose mean square is
+            too large, so Adam barely moves it. A block's scale follows the local
+            magnitude, so such elements are sent more often and smaller (README:
+            charlm with and without). SGD with momentum sees only the mean and needs
+            no blocks.
 
     All ranks must use the same settings; the first hook call compares them across
     ranks and raises :class:`threelc.ConfigurationError` on every rank if they differ.
@@ -122,9 +132,10 @@ class ThreeLCState(ThreeLCEngine):
         sparsity_warmup: Optional[int] = None,
         ranks_per_node: Optional[int] = None,
         bounded_scale: bool = True,
+        scale_block: int = 0,
     ):
         warmup = DEFAULT_SPARSITY_WARMUP if sparsity_warmup is None else sparsity_warmup
-        settings = Settings(sparsity, transport, start_iter, error_feedback, warmup, bounded_scale)
+        settings = Settings(sparsity, transport, start_iter, error_feedback, warmup, bounded_scale, scale_block)
         super().__init__(settings, TorchGroup(process_group, timeout), ranks_per_node, built_by="ThreeLCState")
         self.process_group, self.timeout = process_group, timeout
         self.bucket_keys = BucketKeys()

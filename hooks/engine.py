@@ -172,8 +172,11 @@ class ThreeLCEngine:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore residuals saved by ``state_dict``; settings must match this engine's."""
-        if state.get("version") != STATE_VERSION:
-            raise ConfigurationError(f"hook state version {state.get('version')} is not {STATE_VERSION}")
+        version = state.get("version")
+        if version == STATE_VERSION - 1:  # version 4 predates scale_block: its state had one scale per tensor
+            state = {**state, "version": STATE_VERSION, "settings": {**state["settings"], "scale_block": 0}}
+        elif version != STATE_VERSION:
+            raise ConfigurationError(f"hook state version {version} is not {STATE_VERSION}")
         if state["settings"] != self.settings.as_dict():
             raise ConfigurationError(f"checkpointed hook settings {state['settings']} differ from "
                                      f"{self.settings.as_dict()}")
@@ -250,10 +253,10 @@ class ThreeLCEngine:
         name = choose_transport(settings.transport, collectives.world_size, ranks_per_node)
         if name == HierarchicalTransport.name:
             transport = HierarchicalTransport(collectives, settings.sparsity, settings.error_feedback, ranks_per_node,
-                                              settings.bounded_scale)
+                                              settings.bounded_scale, settings.scale_block)
         else:
             transport = TRANSPORTS[name](collectives, settings.sparsity, settings.error_feedback,
-                                         settings.bounded_scale)
+                                         settings.bounded_scale, settings.scale_block)
         if self._pending_origin is not None:  # a checkpoint from another world size fails even after a reset
             self._check_saved(*self._pending_origin, transport.name)
         if self._pending_state is not None:

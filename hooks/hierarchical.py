@@ -97,8 +97,8 @@ class HierarchicalTransport(Transport):
     name = "hierarchical"
 
     def __init__(self, collectives: Collectives, sparsity: float, error_feedback: bool = True,
-                 ranks_per_node: int = 1, bounded_scale: bool = True):
-        super().__init__(collectives, sparsity, error_feedback, bounded_scale)
+                 ranks_per_node: int = 1, bounded_scale: bool = True, scale_block: int = 0):
+        super().__init__(collectives, sparsity, error_feedback, bounded_scale, scale_block)
         world, rank = collectives.world_size, collectives.rank
         if ranks_per_node < 1 or world % ranks_per_node:
             raise ConfigurationError(f"{world} ranks cannot form nodes of {ranks_per_node}")
@@ -114,7 +114,8 @@ class HierarchicalTransport(Transport):
         self.node_exchange = "shared memory" if shared else "process group"
         self.across = collectives.subgroup([n * ranks_per_node + self.local_rank for n in range(self.nodes)])
         self.inner_name = choose_transport("auto", self.nodes)
-        self.inner: Transport = TRANSPORTS[self.inner_name](self.across, sparsity, error_feedback, bounded_scale)
+        self.inner: Transport = TRANSPORTS[self.inner_name](self.across, sparsity, error_feedback, bounded_scale,
+                                                            scale_block)
         self._plans: dict = {}
 
     @staticmethod

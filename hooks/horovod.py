@@ -88,11 +88,11 @@ class HorovodThreeLCState(ThreeLCEngine):
 
     def __init__(self, process_group=None, sparsity: float = 1.0, transport: str = "allgather",
                  start_iter: int = 2, error_feedback: bool = True, sparsity_warmup: int | None = None,
-                 bounded_scale: bool = True):
+                 bounded_scale: bool = True, scale_block: int = 0):
         if process_group is not None:
             raise ConfigurationError("threelc on Horovod uses Horovod's global process set; process_group must be None")
         warmup = DEFAULT_SPARSITY_WARMUP if sparsity_warmup is None else sparsity_warmup
-        settings = Settings(sparsity, transport, start_iter, error_feedback, warmup, bounded_scale)
+        settings = Settings(sparsity, transport, start_iter, error_feedback, warmup, bounded_scale, scale_block)
         super().__init__(settings, HorovodGroup(), built_by="threelc.hooks.horovod.DistributedOptimizer")
         self.agreement = dict.fromkeys(AGREEMENT_FIELDS, 0)  # set by DistributedOptimizer
 
@@ -284,7 +284,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          op: int = hvd.Average,
                          bucket_cap_mb: float = 4.0,
                          overlap: bool = True,
-                         bounded_scale: bool = True) -> torch.optim.Optimizer:
+                         bounded_scale: bool = True,
+                         scale_block: int = 0) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` like ``hvd.DistributedOptimizer``, averaging gradients with 3LC.
 
     The result is an instance of a subclass of ``optimizer``'s class sharing its
@@ -294,8 +295,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     needed, the *unwrapped* optimizer's state) from rank 0 before training.
 
     Args:
-        sparsity, transport, start_iter, error_feedback, sparsity_warmup, bounded_scale: as
-            :class:`threelc.hooks.ThreeLCState` (bounded_scale: the scale is bounded by the
+        sparsity, transport, start_iter, error_feedback, sparsity_warmup, bounded_scale,
+        scale_block: as :class:`threelc.hooks.ThreeLCState` (bounded_scale: the scale is bounded by the
             current gradient's max, default True, so residual bursts cannot diverge training)
             (``start_iter`` counts optimizer steps, each averaged by a plain Horovod
             all-reduce before it).
@@ -320,7 +321,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     if not hvd.is_initialized():
         raise ConfigurationError("Horovod is not initialized: call hvd.init() before DistributedOptimizer")
     state = HorovodThreeLCState(None, sparsity, transport, start_iter, error_feedback, sparsity_warmup,
-                                bounded_scale)
+                                bounded_scale, scale_block)
     base = optimizer.__class__
     cls = type(base.__name__, (_ThreeLCDistributedOptimizer, base), {"__module__": __name__})
     wrapped = cls(optimizer.param_groups, named_parameters, state, float(bucket_cap_mb),

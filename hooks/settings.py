@@ -20,9 +20,10 @@ from .hierarchical import HierarchicalTransport
 from .transports import TRANSPORTS
 
 # Version of the settings fingerprint and of checkpointed hook state.
-# 4: bounded_scale in the settings (scale bounded by the current gradient's max);
+# 5: scale_block in the settings (one scale per block of elements; version 4 state loads
+# as scale_block=0); 4: bounded_scale in the settings (scale bounded by the current gradient's max);
 # 3: sparsity warm-up in the settings; 2: residuals per parameter (1: per bucket).
-STATE_VERSION = 4
+STATE_VERSION = 5
 # Compressed steps over which the sparsity multiplier ramps from 1 to its target when
 # the user does not say: see ThreeLCState's docstring for why a ramp is needed at all.
 DEFAULT_SPARSITY_WARMUP = 100
@@ -52,6 +53,7 @@ class Settings:
     error_feedback: bool = True
     sparsity_warmup: int = DEFAULT_SPARSITY_WARMUP
     bounded_scale: bool = True
+    scale_block: int = 0
 
     def __post_init__(self):
         if self.transport not in TRANSPORT_CHOICES:
@@ -61,6 +63,7 @@ class Settings:
         object.__setattr__(self, "error_feedback", bool(self.error_feedback))
         object.__setattr__(self, "sparsity_warmup", _non_negative_int("sparsity_warmup", self.sparsity_warmup))
         object.__setattr__(self, "bounded_scale", _flag("bounded_scale", self.bounded_scale))
+        object.__setattr__(self, "scale_block", _non_negative_int("scale_block", self.scale_block))
 
     def sparsity_at(self, iteration: int) -> float:
         """The sparsity multiplier of iteration ``iteration`` (a compressed one)."""
@@ -83,7 +86,8 @@ def agree(settings: Settings, collectives, world_size: int, extra: dict[str, int
     sparsity_bits = struct.unpack("<q", struct.pack("<d", settings.sparsity))[0]
     mine = torch.tensor([STATE_VERSION, TRANSPORT_CHOICES.index(settings.transport), sparsity_bits,
                          settings.start_iter, int(settings.error_feedback), world_size, settings.sparsity_warmup,
-                         int(settings.bounded_scale), *(int(v) for v in extra.values())], dtype=torch.int64)
+                         int(settings.bounded_scale), settings.scale_block, *(int(v) for v in extra.values())],
+                        dtype=torch.int64)
     everyone = collectives.allgather(mine.to(device)).cpu()
     if bool((everyone == mine).all()):
         return
@@ -91,9 +95,10 @@ def agree(settings: Settings, collectives, world_size: int, extra: dict[str, int
     for rank, row in enumerate(everyone.tolist()):
         sparsity = struct.unpack("<d", struct.pack("<q", row[2]))[0]
         transport = TRANSPORT_CHOICES[row[1]] if 0 <= row[1] < len(TRANSPORT_CHOICES) else row[1]
-        fields = "".join(f" {name}={value}" for name, value in zip(extra, row[8:]))
+        fields = "".join(f" {name}={value}" for name, value in zip(extra, row[9:]))
         rows.append(f"rank {rank}: transport={transport} sparsity={sparsity} sparsity_warmup={row[6]} "
-                    f"start_iter={row[3]} error_feedback={bool(row[4])} bounded_scale={bool(row[7])}{fields} "
+                    f"start_iter={row[3]} error_feedback={bool(row[4])} bounded_scale={bool(row[7])} "
+                    f"scale_block={row[8]}{fields} "
                     f"(state version {row[0]})")
     raise ConfigurationError(f"threelc settings differ across ranks; every rank must build {built_by} "
                              "with the same arguments:\n  " + "\n  ".join(rows))

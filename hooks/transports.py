@@ -58,8 +58,11 @@ class Transport:
     node_exchange: str | None = None  # how a node's ranks exchange (hierarchical only)
 
     def __init__(self, collectives: Collectives, sparsity: float, error_feedback: bool = True,
-                 bounded_scale: bool = True):
+                 bounded_scale: bool = True, scale_block: int = 0):
         self.collectives = collectives
+        # Elements per scale (0: one per tensor). Blocks are cut per tensor, so a tensor's
+        # scales do not depend on how tensors are grouped into buckets.
+        self.scale_block = scale_block
         # The memory owns the scale rule too: every encode and absmax passes memory.bounded.
         self.memory = ErrorFeedback(sparsity, error_feedback, bounded_scale)
         self.seconds = {"encode": 0.0, "decode": 0.0}
@@ -81,8 +84,8 @@ class Transport:
               out: torch.Tensor | None = None) -> Deferred:
         """Begin averaging ``grad`` (flat) over all ranks; the result is float32.
 
-        ``segments`` are the lengths of the tensors packed in ``grad`` (one scale each)
-        and ``keys`` name them, so each keeps its residual however they are grouped.
+        ``segments`` are the lengths of the tensors packed in ``grad`` (one scale each, or
+        one per ``scale_block`` elements of each) and ``keys`` name them, so each keeps its residual however they are grouped.
         ``out`` (float32, ``grad``'s size, may be ``grad`` itself) receives the average.
         """
         raise NotImplementedError
@@ -95,17 +98,18 @@ class Transport:
         return 0, 0
 
     def _layout(self, segments: list[int]) -> Layout:
+        """The codec's layout of a bucket of ``segments``: one scale per tensor or per block of one."""
         key = tuple(segments)
         layout = self._layouts.get(key)
         if layout is None:
-            layout = self._layouts[key] = Layout(segments)
+            layout = self._layouts[key] = Layout(segments).in_blocks(self.scale_block)
         return layout
 
     @staticmethod
-    def _encode(memory: ErrorFeedback, keys, x: torch.Tensor, layout: Layout, codec: Codec,
+    def _encode(memory: ErrorFeedback, keys, segments, x: torch.Tensor, layout: Layout, codec: Codec,
                 dtype: torch.dtype) -> Encoded:
-        """Encode ``x`` (laid out as ``layout``) with ``memory``'s residual for ``keys``."""
-        residual = memory.residual(keys, layout.segments, x.device)
+        """Encode ``x`` (laid out as ``layout``) with ``memory``'s residual for ``keys`` (of ``segments``' lengths)."""
+        residual = memory.residual(keys, segments, x.device)
         residual_out = memory.spare(keys, x.numel(), x.device) if memory.enabled else None
         return codec.encode(x, residual, layout, memory.sparsity, dtype=dtype, feedback=memory.enabled,
                             residual_out=residual_out, bounded=memory.bounded)
@@ -159,7 +163,7 @@ class AllgatherTransport(Transport):
     def start(self, keys, grad, segments, out=None):
         device, layout, codec = grad.device, self._layout(segments), codec_for(grad.device)
         start = time.perf_counter()
-        encoded = self._encode(self.memory, keys, grad, layout, codec, grad.dtype)
+        encoded = self._encode(self.memory, keys, segments, grad, layout, codec, grad.dtype)
         self._timed("encode", start)
         # The payload size and the finiteness flag ride in one small all-gather. Host syncs
         # on CUDA (threelc/triton/codec.py): encode read back its size, flag and zero count;
@@ -233,14 +237,19 @@ class ShardedTransport(Transport):
 
     name = "sharded"
 
-    def __init__(self, collectives, sparsity, error_feedback=True, bounded_scale=True):
-        super().__init__(collectives, sparsity, error_feedback, bounded_scale)
+    def __init__(self, collectives, sparsity, error_feedback=True, bounded_scale=True, scale_block=0):
+        super().__init__(collectives, sparsity, error_feedback, bounded_scale, scale_block)
         # The server's scale is bounded by the max of the average it re-compresses.
         self.server_memory = ErrorFeedback(sparsity, error_feedback, bounded_scale)
         self._plans: dict = {}
 
     def _plan(self, segments: list[int]):
-        """Per server j: its piece of every tensor, as a layout into the bucket (cached per bucket layout)."""
+        """Per server j: its piece of every tensor, as a codec layout into the bucket (cached per bucket layout).
+
+        Also the worker residuals' lengths and, for this rank's server, the layout of the
+        shard it receives and the lengths of its server residuals. Scale blocks are cut
+        per piece, so workers and server agree on them.
+        """
         key = tuple(segments)
         plan = self._plans.get(key)
         if plan is None:
@@ -254,12 +263,14 @@ class ShardedTransport(Transport):
                               [starts[i][j] for i in range(len(segments))]) for j in range(world)]
             # Worker residuals: one per (tensor, server) piece, in bucket order.
             refined = [n for row in pieces for n in row]
-            plan = self._plans[key] = (servers, refined, Layout(servers[self.collectives.rank].segments))
+            served = list(servers[self.collectives.rank].segments)
+            plan = self._plans[key] = ([s.in_blocks(self.scale_block) for s in servers], refined,
+                                       Layout(served).in_blocks(self.scale_block), served)
         return plan
 
     def start(self, keys, grad, segments, out=None):
         world, device, codec = self.collectives.world_size, grad.device, codec_for(grad.device)
-        servers, refined, mine = self._plan(segments)
+        servers, refined, mine, served_segments = self._plan(segments)
         worker_keys = [(k, j) for k in keys for j in range(world)]
         start = time.perf_counter()
         residual = self.memory.residual(worker_keys, refined, device)
@@ -286,7 +297,7 @@ class ShardedTransport(Transport):
         try:
             total = self._decode_peers(codec, received, mine,
                                        torch.empty(mine.numel, dtype=torch.float32, device=device), "shard")
-            served = self._encode(self.server_memory, list(keys), total, mine, codec, grad.dtype)
+            served = self._encode(self.server_memory, list(keys), served_segments, total, mine, codec, grad.dtype)
             status = OK if served.finite else NOT_FINITE
         except DecodeError as error:
             status, problem = UNDECODABLE, str(error)
@@ -307,7 +318,7 @@ class ShardedTransport(Transport):
             self._timed("decode", start)
             self.zeros += sum(e.zeros for e in encoded)
             self._commit(self.memory, worker_keys, residual_out if self.memory.enabled else None, refined)
-            self._commit(self.server_memory, list(keys), served.residual, list(mine.segments))
+            self._commit(self.server_memory, list(keys), served.residual, served_segments)
             return average
 
         return Deferred(finish, (aggregates,))

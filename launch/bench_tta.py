@@ -3,13 +3,15 @@
     sudo python launch/bench_tta.py                 # the matrix -> launch/results/bench_tta.{json,md,png}
     sudo python launch/bench_tta.py --quick         # 2 nodes, digits-cnn, 3 hooks, 60 steps -> launch/results/raw/
     sudo python launch/bench_tta.py --dry-run       # print the cells and exit
+    sudo python launch/bench_tta.py --models charlm --scale-blocks 0,1024 --out launch/results/bench_tta_blocks
 
 Each cell is one launch/netlab.py run (one node namespace per rank, each node's
 egress shaped with ``tbf`` to ``--rate``) of launch/train.py with the task's
 own recipe (learning rate, optimizer, batch) and only the hook's arguments
 changed: ``none`` (DDP's fp32 all-reduce), ``fp16``, ``powersgd`` (rank 2, the
 whole model in one bucket) and 3LC at each sparsity multiplier on each
-transport, with threelc's default sparsity warm-up.  Rank 0 evaluates the test
+transport, with threelc's default sparsity warm-up (and, with ``--scale-blocks``,
+one scale per that many elements: ``ThreeLCState(scale_block=...)``, cells ``-b<block>``).  Rank 0 evaluates the test
 loss every ``--eval-every`` steps and records the training seconds spent so
 far (evaluations excluded).  ``none`` runs ``--steps`` (train.py's 300); every
 other hook runs ``--run-factor`` times as many, so a hook with cheaper steps has
@@ -62,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--transports", type=_csv(str), default=None, help=f"default {','.join(FLAT_TRANSPORTS)}")
     p.add_argument("--sparsities", type=_csv(float), default=None,
                    help=f"default {','.join(map(str, SPARSITIES))}")
+    p.add_argument("--scale-blocks", type=_csv(int), default=[0],
+                   help="3LC elements per scale, comma list (default 0: one scale per tensor)")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default 300, train.py's)")
     p.add_argument("--run-factor", type=int, default=3, help="steps of every hook but none: --steps times this")
     p.add_argument("--eval-every", type=int, default=10)
@@ -88,8 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def variants(a) -> list[dict]:
     out = [{"variant": b, "hook": b} for b in a.baselines]
-    out += [{"variant": f"threelc-{t}-s{s:g}", "hook": "threelc", "transport": t, "sparsity": s}
-            for t in a.transports for s in a.sparsities]
+    out += [{"variant": f"threelc-{t}-s{s:g}" + (f"-b{b}" if b else ""), "hook": "threelc", "transport": t,
+             "sparsity": s, "scale_block": b}
+            for b in a.scale_blocks for t in a.transports for s in a.sparsities]
     return out
 
 
@@ -102,7 +107,8 @@ def plan(a) -> list[dict]:
                 args = ["--model", model, "--hook", v["hook"], "--steps", str(steps), "--eval-every",
                         str(a.eval_every), "--threads", "1", "--dist-timeout", "120", "--no-progress"]
                 if v["hook"] == "threelc":
-                    args += ["--transport", v["transport"], "--sparsity", f"{v['sparsity']:g}"]
+                    args += ["--transport", v["transport"], "--sparsity", f"{v['sparsity']:g}",
+                             *(["--scale-block", str(v["scale_block"])] if v["scale_block"] else [])]
                 cells.append({"id": f"n{nodes}-{model}-{v['variant']}", "nodes": nodes, "model": model,
                               **v, "train_args": args})
     return cells

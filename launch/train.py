@@ -139,7 +139,7 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict | None:
     meter = register_scheme(ddp, args.hook, sparsity=args.sparsity, sparsity_warmup=args.sparsity_warmup,
                             transport=args.transport, start_iter=args.start_iter,
                             error_feedback=not args.no_error_feedback, bounded_scale=not args.unbounded_scale,
-                            powersgd_rank=args.powersgd_rank, seed=args.seed,
+                            scale_block=args.scale_block, powersgd_rank=args.powersgd_rank, seed=args.seed,
                             timeout=datetime.timedelta(seconds=args.dist_timeout))
     opt = task.make_optimizer(ddp.parameters(), lr=args.lr, kind=args.optimizer)
 

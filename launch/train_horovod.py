@@ -9,8 +9,8 @@ the same final JSON line (plus ``"framework": "horovod"``). ``--hook`` takes
 * ``none``: ``hvd.DistributedOptimizer`` (fp32 all-reduce, Horovod's tensor fusion),
 * ``fp16``: the same with ``compression=hvd.Compression.fp16``,
 * ``threelc``: ``threelc.hooks.horovod.DistributedOptimizer`` (``--sparsity``,
-  ``--transport``, ``--start-iter``, ``--no-error-feedback``, ``--unbounded-scale``; ``--bucket-cap-mb``
-  sets its own bucket size, default 4 MB).
+  ``--transport``, ``--start-iter``, ``--no-error-feedback``, ``--unbounded-scale``,
+  ``--scale-block``; ``--bucket-cap-mb`` sets its own bucket size, default 4 MB).
 
 Flags only DDP or PowerSGD use (``--powersgd-rank``, ``--no-prime-buckets``,
 ``--dist-timeout``) are accepted and ignored. ``--checkpoint`` writes launch/common/checkpoint.py's
@@ -53,7 +53,7 @@ def wrap_optimizer(hvd, hook: str, base, named_parameters, args):
         return DistributedOptimizer(base, named_parameters, sparsity=args.sparsity,
                                     sparsity_warmup=args.sparsity_warmup, transport=args.transport,
                                     start_iter=args.start_iter, error_feedback=not args.no_error_feedback,
-                                    bounded_scale=not args.unbounded_scale,
+                                    bounded_scale=not args.unbounded_scale, scale_block=args.scale_block,
                                     **({"bucket_cap_mb": args.bucket_cap_mb} if args.bucket_cap_mb else {}))
     compression = hvd.Compression.fp16 if hook == "fp16" else hvd.Compression.none
     return hvd.DistributedOptimizer(base, named_parameters=named_parameters, compression=compression,

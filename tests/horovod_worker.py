@@ -71,7 +71,7 @@ class Carrier(nn.Module):
 
 def carrier_run(hvd, transport, sparsity=1.5, steps=EXACT_STEPS, start_iter=2, dtype=torch.float32, op="average",
                 passes=1, partial=False, overlap=True, poison=None, bucket_cap_mb=CAP_MB, momentum=0.0,
-                resume_at=None):
+                resume_at=None, scale_block=0):
     """Train the carrier; every step's averaged gradients, the final parameters and the layout."""
     from threelc.hooks.horovod import DistributedOptimizer
 
@@ -83,7 +83,8 @@ def carrier_run(hvd, transport, sparsity=1.5, steps=EXACT_STEPS, start_iter=2, d
         return DistributedOptimizer(base, model.named_parameters(), sparsity=sparsity, transport=transport,
                                     start_iter=start_iter, sparsity_warmup=WARMUP,
                                     backward_passes_per_step=passes, overlap=overlap,
-                                    op=hvd.Sum if op == "sum" else hvd.Average, bucket_cap_mb=bucket_cap_mb)
+                                    op=hvd.Sum if op == "sum" else hvd.Average, bucket_cap_mb=bucket_cap_mb,
+                                    scale_block=scale_block)
 
     opt = make()
     index_of = {id(p): i for i, p in enumerate(model.ordered())}
@@ -123,6 +124,7 @@ VARIANTS = {
     "partial-allgather": {"transport": "allgather", "partial": True, "steps": 6},
     "partial-sharded-no-overlap": {"transport": "sharded", "partial": True, "overlap": False, "steps": 6},
     "fp16-allgather": {"transport": "allgather", "dtype": torch.float16, "sparsity": 1.2, "steps": 6},
+    "scale-block-sharded": {"transport": "sharded", "sparsity": 1.9, "scale_block": 64, "steps": 6},
 }
 
 MISMATCHES = {"sparsity": 1.25, "transport": "sharded", "start_iter": 3, "op": "sum", "passes": 2,

@@ -16,9 +16,25 @@ def shard_lengths(n, world):
     return [n // world + (1 if j < n % world else 0) for j in range(world)]
 
 
+def in_blocks(keys, segments, block):
+    """Keys and lengths with every tensor cut into ``block``-element pieces, each its own residual and scale.
+
+    A residual per block holds the same numbers as one per tensor, so the reference
+    gets one scale per block from the codec functions without a layout of its own.
+    """
+    if not block:
+        return list(keys), list(segments)
+    blocked_keys, lengths = [], []
+    for key, n in zip(keys, segments):
+        for start in range(0, n, block) if n else range(1):
+            blocked_keys.append((key, start))
+            lengths.append(min(block, n - start))
+    return blocked_keys, lengths
+
+
 class Reference:
-    def __init__(self, transport, world, sparsity, error_feedback=True, ranks_per_node=1, bounded=True):
-        self.transport, self.world, self.sparsity = transport, world, sparsity
+    def __init__(self, transport, world, sparsity, error_feedback=True, ranks_per_node=1, bounded=True, block=0):
+        self.transport, self.world, self.sparsity, self.block = transport, world, sparsity, block
         self.workers = [threelc.ErrorFeedback(sparsity, error_feedback, bounded) for _ in range(world)]
         self.servers = [threelc.ErrorFeedback(sparsity, error_feedback, bounded) for _ in range(world)]
         if transport == "hierarchical":
@@ -26,7 +42,7 @@ class Reference:
             nodes = world // ranks_per_node
             self.ranks_per_node, self.nodes = ranks_per_node, nodes
             inner = "allgather" if nodes <= 2 else "sharded"
-            self.groups = [Reference(inner, nodes, sparsity, error_feedback, bounded=bounded)
+            self.groups = [Reference(inner, nodes, sparsity, error_feedback, bounded=bounded, block=block)
                            for _ in range(ranks_per_node)]
 
     def set_sparsity(self, sparsity):
@@ -42,6 +58,7 @@ class Reference:
         return getattr(self, "_" + self.transport)(keys, grads, segments)
 
     def _allgather(self, keys, grads, segments):
+        keys, segments = in_blocks(keys, segments, self.block)
         total = torch.zeros(grads[0].numel())
         for rank, g in enumerate(grads):
             q, scale, _, _ = self.workers[rank].step(list(keys), g, segments)
@@ -49,6 +66,7 @@ class Reference:
         return total / self.world
 
     def _allreduce(self, keys, grads, segments):
+        keys, segments = in_blocks(keys, segments, self.block)
         compensated = [w.compensate(list(keys), g, segments) for w, g in zip(self.workers, grads)]
         # Each rank proposes its own (bounded) absmax; the scale is the largest proposal.
         absmax = torch.stack([bounded_absmax(segment_absmax(c, segments), segment_absmax(g, segments))
@@ -67,19 +85,20 @@ class Reference:
         world = self.world
         pieces = [shard_lengths(n, world) for n in segments]  # pieces[i][j]
         refined = [n for p in pieces for n in p]
-        worker_keys = [(k, j) for k in keys for j in range(world)]
+        worker_keys, worker_blocks = in_blocks([(k, j) for k in keys for j in range(world)], refined, self.block)
         decoded = []
         for rank, g in enumerate(grads):
-            q, scale, _, _ = self.workers[rank].step(worker_keys, g, refined)
-            decoded.append(threelc.dequantize(q, scale, refined).split(refined))
+            q, scale, _, _ = self.workers[rank].step(worker_keys, g, worker_blocks)
+            decoded.append(threelc.dequantize(q, scale, worker_blocks).split(refined))
         served = []
         for j in range(world):
             mine = [pieces[i][j] for i in range(len(segments))]
             total = torch.zeros(sum(mine))
             for rank in range(world):
                 total += torch.cat([decoded[rank][i * world + j] for i in range(len(segments))])
-            q, scale, _, _ = self.servers[j].step(list(keys), total / world, mine)
-            served.append(threelc.dequantize(q, scale, mine).split(mine))
+            server_keys, server_blocks = in_blocks(keys, mine, self.block)
+            q, scale, _, _ = self.servers[j].step(server_keys, total / world, server_blocks)
+            served.append(threelc.dequantize(q, scale, server_blocks).split(mine))
         return torch.cat([served[j][i] for i in range(len(segments)) for j in range(world)])
 
     def _hierarchical(self, keys, grads, segments):

@@ -35,6 +35,11 @@ def test_plan_gives_none_the_recipe_steps_and_the_others_the_factor():
     assert [c["variant"] for c in cells] == ["none", "fp16", "powersgd", "threelc-allreduce-s1.9",
                                              "threelc-allgather-s1.9", "threelc-sharded-s1.9"]
     assert all("--sparsity" not in c["train_args"] for c in cells if c["hook"] != "threelc")
+    blocked = bench_tta.plan(bench_tta.parse_args(["--nodes", "2", "--models", "charlm", "--sparsities", "1.9",
+                                                    "--transports", "allgather", "--scale-blocks", "0,1024"]))
+    assert [c["variant"] for c in blocked][3:] == ["threelc-allgather-s1.9", "threelc-allgather-s1.9-b1024"]
+    assert "--scale-block" not in blocked[3]["train_args"]
+    assert blocked[4]["train_args"][-2:] == ["--scale-block", "1024"]
 
 
 def test_time_to_target_is_the_first_evaluation_at_or_below_it():
@@ -64,5 +69,5 @@ def test_committed_results_are_what_the_report_derives():
     bench_tta.derive(again)
     assert again["cells"] == doc["cells"]
     assert (RESULTS.with_suffix(".md").read_text() == bench_tta.markdown(doc) + "\n")
-    planned = bench_tta.plan(argparse.Namespace(**doc["settings"]))
+    planned = bench_tta.plan(argparse.Namespace(**{"scale_blocks": [0], **doc["settings"]}))  # older JSON: no blocks
     assert [c["train_args"] for c in planned] == [c["train_args"] for c in doc["cells"]]

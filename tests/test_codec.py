@@ -288,3 +288,16 @@ def test_threshold_quantizer_at_extreme_scales(scale):
     x = torch.linspace(-1, 1, 2001) * scale
     x = torch.cat([x, torch.nextafter(x, torch.zeros(())), torch.nextafter(x, x.sign() * float("inf"))]).clamp(-scale, scale)
     assert torch.equal(quantize_with_scales(x, scale.reshape(1), [x.numel()]), _division_reference(x, scale))
+
+
+def test_layout_in_blocks_cuts_every_segment_at_its_own_offset():
+    from threelc.backends import Layout
+
+    layout = Layout([5, 0, 3], [10, 0, 2])
+    blocked = layout.in_blocks(2)
+    assert blocked.segments == (2, 2, 1, 0, 2, 1) and blocked.offsets == (10, 12, 14, 0, 2, 4)
+    assert blocked.numel == layout.numel and layout.in_blocks(0) is layout
+    assert Layout([4]).in_blocks(4) == Layout([4]) and Layout([4]).in_blocks(9) == Layout([4])
+    for bad in (-1, 1.5, True):
+        with pytest.raises(threelc.ConfigurationError, match="scale block"):
+            layout.in_blocks(bad)

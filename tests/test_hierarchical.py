@@ -41,6 +41,8 @@ def hierarchical_runs(rank, world):
     states[rank] = first["state"]
     results["resumed"] = train_carrier(rank, world, "hierarchical", steps=3, ranks_per_node=RANKS_PER_NODE,
                                        saved=states)
+    results["blocks"] = train_carrier(rank, world, "hierarchical", steps=4, ranks_per_node=RANKS_PER_NODE,
+                                      scale_block=64)
     # Last: it leaves shared memory off in this process. The node's exchange then runs
     # over the node's process group, as it does on NCCL.
     results["process group"] = train_carrier(rank, world, "hierarchical", ranks_per_node=RANKS_PER_NODE,
@@ -74,6 +76,9 @@ def test_ddp_equals_codec_reference_on_every_rank(layout, runs):
         assert_matches_reference(results[0], world, "hierarchical", 1.5, ranks_per_node=RANKS_PER_NODE)
         stats = results[0]["stats"]
         assert 0 < stats["bytes_sent"] < stats["uncompressed_bytes"] * stats["steps"]
+    blocks = [r["blocks"] for r in per_rank]  # one scale per 64 elements in every inter-node group
+    assert_ranks_agree(blocks)
+    assert_matches_reference(blocks[0], world, "hierarchical", 1.5, ranks_per_node=RANKS_PER_NODE, block=64)
     layouts = per_rank[0]["explicit"]["layouts"]
     first = [params for (it, _), params in sorted(layouts.items()) if it == 0]
     later = [params for (it, _), params in sorted(layouts.items()) if it == 3]

@@ -47,7 +47,7 @@ def gradients(rank, step, shapes=SHAPES, dtype=torch.float32):
 
 def train_carrier(rank, world, transport, sparsity=1.5, steps=6, dtype=torch.float32, bucket_view=False,
                   unused=False, start_iter=1, poison=None, backend="auto", sparsity_warmup=WARMUP,
-                  ranks_per_node=None, env=None, saved=None, bounded_scale=True):
+                  ranks_per_node=None, env=None, saved=None, bounded_scale=True, scale_block=0):
     """DDP over the carrier model; returns every step's averaged gradients and bucket layouts.
 
     ``env`` (per-rank environment, e.g. torchrun's node layout) is set first; ``saved``
@@ -58,7 +58,8 @@ def train_carrier(rank, world, transport, sparsity=1.5, steps=6, dtype=torch.flo
     model = Carrier(dtype=dtype, unused=unused)
     ddp = DDP(model, bucket_cap_mb=0.0005, gradient_as_bucket_view=bucket_view, find_unused_parameters=unused)
     state = ThreeLCState(sparsity=sparsity, transport=transport, start_iter=start_iter,
-                         sparsity_warmup=sparsity_warmup, ranks_per_node=ranks_per_node, bounded_scale=bounded_scale)
+                         sparsity_warmup=sparsity_warmup, ranks_per_node=ranks_per_node, bounded_scale=bounded_scale,
+                         scale_block=scale_block)
     if saved is not None:
         state.load_state_dict(saved[rank])
     # The unused parameter gets the last index (model.parameters() would list it first).
@@ -107,8 +108,8 @@ def _residuals(state):
 
 
 def reference_history(world, transport, sparsity, steps, layouts, start_iter=1, dtype=torch.float32,
-                      ranks_per_node=1, bounded=True):
-    reference = Reference(transport, world, sparsity, ranks_per_node=ranks_per_node, bounded=bounded)
+                      ranks_per_node=1, bounded=True, block=0):
+    reference = Reference(transport, world, sparsity, ranks_per_node=ranks_per_node, bounded=bounded, block=block)
     schedule = ThreeLCState(sparsity=sparsity, start_iter=start_iter, sparsity_warmup=WARMUP)
     expected = []
     for step in range(steps):
@@ -145,10 +146,10 @@ def assert_ranks_agree(results):
 
 
 def assert_matches_reference(result, world, transport, sparsity, dtype=torch.float32, start_iter=1,
-                             ranks_per_node=1, bounded=True):
+                             ranks_per_node=1, bounded=True, block=0):
     steps = len(result["history"])
     expected = reference_history(world, transport, sparsity, steps, result["layouts"], start_iter, dtype,
-                                 ranks_per_node, bounded)
+                                 ranks_per_node, bounded, block)
     for step, (got, want) in enumerate(zip(result["history"], expected)):
         if want is None:  # warm-up: plain all-reduce in gloo's own summation order
             mean = [sum(g[i] for g in (gradients(r, step, dtype=dtype) for r in range(world))) / world
@@ -199,6 +200,11 @@ VARIANTS = {
        for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)) for t in ("allreduce", "sharded")},
     # The unbounded scale (bounded_scale=False) against the reference built the same way.
     **{f"unbounded-{t}": {"transport": t, "sparsity": 1.9, "steps": 5, "bounded_scale": False} for t in TRANSPORTS},
+    # One scale per block of each tensor (64: tensors of 1 to 20 blocks; 7: sharded's pieces cut again).
+    **{f"scale-block-64-{t}": {"transport": t, "sparsity": 1.9, "steps": 5, "scale_block": 64} for t in TRANSPORTS},
+    "scale-block-7-sharded": {"transport": "sharded", "sparsity": 1.9, "steps": 5, "scale_block": 7},
+    "scale-block-64-sharded-torch-backend": {"transport": "sharded", "sparsity": 1.9, "steps": 5, "scale_block": 64,
+                                             "backend": "torch"},
 }
 
 
@@ -217,8 +223,12 @@ def test_dtypes_bucket_views_and_unused_parameters(variant, variant_runs):
     transport = results[0]["stats"]["transport"]
     assert transport == (settings["transport"] if settings["transport"] != "auto" else "allgather")
     assert_matches_reference(results[0], 2, transport, settings.get("sparsity", 1.5), dtype,
-                             bounded=settings.get("bounded_scale", True))
+                             bounded=settings.get("bounded_scale", True), block=settings.get("scale_block", 0))
     assert results[0]["state"]["settings"]["bounded_scale"] == settings.get("bounded_scale", True)
+    assert results[0]["state"]["settings"]["scale_block"] == settings.get("scale_block", 0)
+    if settings.get("scale_block"):  # the blocks change the bits: one scale per tensor is not what ran
+        with pytest.raises(AssertionError, match="differs from the codec reference"):
+            assert_matches_reference(results[0], 2, transport, settings["sparsity"], dtype)
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +252,8 @@ def test_non_finite_gradient_on_one_rank(transport, backend, non_finite_runs):
     assert_ranks_agree(results)
 
 
-MISMATCHES = {"sparsity": 1.25, "transport": "sharded", "start_iter": 3, "sparsity_warmup": 5, "bounded_scale": False}
+MISMATCHES = {"sparsity": 1.25, "transport": "sharded", "start_iter": 3, "sparsity_warmup": 5, "bounded_scale": False,
+              "scale_block": 64}
 
 
 def mismatched(rank, world):
@@ -392,7 +403,7 @@ def test_state_validation_and_pickling():
     with pytest.raises(threelc.ConfigurationError, match="bounded_scale"):
         ThreeLCState(bounded_scale="no")
     assert ThreeLCState().settings.bounded_scale is True  # the default
-    assert threelc.hooks.settings.STATE_VERSION == 4
+    assert threelc.hooks.settings.STATE_VERSION == 5
     unbounded = ThreeLCState(sparsity=1.7, bounded_scale=False)
     assert pickle.loads(pickle.dumps(unbounded)).settings.bounded_scale is False
     assert unbounded.state_dict()["settings"]["bounded_scale"] is False
@@ -415,6 +426,21 @@ def test_state_validation_and_pickling():
     with pytest.raises(threelc.ConfigurationError, match="differ"):  # the schedule is a setting too
         ThreeLCState(sparsity=1.7, transport="sharded", start_iter=5, sparsity_warmup=8).load_state_dict(
             state.state_dict())
+    with pytest.raises(threelc.ConfigurationError, match="scale_block"):
+        ThreeLCState(scale_block=-64)
+    blocked = ThreeLCState(sparsity=1.7, transport="sharded", start_iter=5, sparsity_warmup=7, scale_block=256)
+    assert pickle.loads(pickle.dumps(blocked)).settings.scale_block == 256
+    with pytest.raises(threelc.ConfigurationError, match="differ"):  # checkpoints carry the blocks
+        blocked.load_state_dict(state.state_dict())
+    # Hook state of version 4 (before scale_block) resumes as one scale per tensor.
+    old = state.state_dict()
+    old = {**old, "version": 4, "settings": {k: v for k, v in old["settings"].items() if k != "scale_block"}}
+    other.load_state_dict(old)
+    assert other.iter == 9
+    with pytest.raises(threelc.ConfigurationError, match="differ"):
+        blocked.load_state_dict(old)
+    with pytest.raises(threelc.ConfigurationError, match="version 3"):
+        other.load_state_dict({**old, "version": 3})
 
 
 def test_sparsity_warmup_schedule():

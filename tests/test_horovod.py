@@ -143,7 +143,7 @@ def assert_matches_reference(result, world, settings):
     transport, sparsity = settings["transport"], settings.get("sparsity", 1.5)
     start_iter, dtype = settings.get("start_iter", 2), settings.get("dtype", torch.float32)
     factor = world if settings.get("op") == "sum" else 1
-    reference = Reference(transport, world, sparsity)
+    reference = Reference(transport, world, sparsity, block=settings.get("scale_block", 0))
     schedule = ThreeLCState(sparsity=sparsity, start_iter=start_iter, sparsity_warmup=WARMUP)
     buckets = result["buckets"]
     assert sorted(i for bucket in buckets for i in bucket) == list(range(len(result["params"])))

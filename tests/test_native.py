@@ -289,3 +289,21 @@ def test_native_rejects_what_it_cannot_take():
         NATIVE.encode(torch.randn(10), torch.randn(10).double(), layout, 1.0)
     with pytest.raises(threelc.ConfigurationError):
         NATIVE.decode([TORCH.encode(torch.randn(10), None, layout, 1.0).payload], layout, torch.zeros(10).half())
+
+
+@pytest.mark.parametrize("block", [1, 256, 1000])
+def test_many_scale_blocks(block):
+    """One scale per block: thousands of segments in one payload, bit-identical on both backends."""
+    generator = torch.Generator().manual_seed(block)
+    layout = Layout([300_001, 5, 0, 20_000]).in_blocks(block) if block > 1 else Layout([3001, 5]).in_blocks(1)
+    x = torch.randn(layout.numel, generator=generator) * torch.rand(layout.numel, generator=generator) ** 4
+    residual = torch.randn(layout.numel, generator=generator) * 0.05
+    a = TORCH.encode(x, residual, layout, 1.9)
+    b = NATIVE.encode(x, residual, layout, 1.9)
+    assert same_encoded(a, b) and a.scales.numel() == len(layout.segments)
+    out_a, out_b = torch.zeros(layout.numel), torch.ones(layout.numel)
+    TORCH.decode([a.payload, b.payload], layout, out_a)
+    NATIVE.decode([a.payload, b.payload], layout, out_b)
+    assert same(out_a, out_b)
+    with pytest.raises(threelc.DecodeError, match="segments"):  # a peer that cut no blocks is refused
+        NATIVE.decode([NATIVE.encode(x, residual, Layout([layout.numel]), 1.9).payload], layout, out_b)

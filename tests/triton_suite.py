@@ -224,3 +224,21 @@ def test_half_precision_subnormals_convert_exactly(dtype):
     assert same(TORCH.absmax(x, None, layout), CODEC.absmax(on(x), None, layout).cpu())
     a, b = encode_both(x, None, layout, 1.0)
     assert same_encoded(a, b)
+
+
+def test_scale_blocks():
+    """One scale per block (ThreeLCState(scale_block=...)): many short segments, scattered too."""
+    generator = torch.Generator().manual_seed(5)
+    x, residual = torch.randn(900, generator=generator), torch.randn(900, generator=generator) * 0.1
+    a, b = encode_both(x, residual, Layout([700, 3, 197]).in_blocks(64), 1.9)
+    assert same_encoded(a, b) and a.scales.numel() == 16
+    assert same(*decode_both([a.payload, b.payload], Layout([700, 3, 197]).in_blocks(64)))
+    out_a, out_b = torch.zeros(900), torch.zeros(900, device=DEVICE)
+    residual_a, residual_b = torch.zeros(900), torch.zeros(900, device=DEVICE)
+    for layout in (Layout([100, 200], [0, 500]).in_blocks(33), Layout([400, 200], [100, 700]).in_blocks(33)):
+        a = TORCH.encode(x, residual, layout, 1.9, residual_out=residual_a)
+        b = CODEC.encode(on(x), on(residual), layout, 1.9, residual_out=residual_b)
+        assert same(a.payload, b.payload.cpu()) and same(a.scales, b.scales.cpu())
+        TORCH.decode([a.payload], layout, out_a, average=False)
+        CODEC.decode([b.payload], layout, out_b, average=False)
+    assert same(out_a, out_b.cpu()) and same(residual_a, residual_b.cpu())

@@ -49,6 +49,23 @@ class Layout:
             self._table = (torch.tensor(self.segments, dtype=torch.int64), torch.tensor(self.offsets, dtype=torch.int64))
         return self._table
 
+    def in_blocks(self, block: int) -> Layout:
+        """This layout with every segment cut into pieces of ``block`` elements (the last may be shorter).
+
+        Each piece gets a scale of its own, so the payload grows by one segment entry
+        per piece; ``block=0`` returns the layout unchanged. An empty segment stays one.
+        """
+        if isinstance(block, bool) or int(block) != block or block < 0:
+            raise ConfigurationError(f"a scale block must be a non-negative integer; got {block!r}")
+        if block == 0:
+            return self
+        segments, offsets = [], []
+        for n, o in zip(self.segments, self.offsets):
+            cuts = range(0, n, block) if n else range(1)
+            segments += [min(block, n - c) for c in cuts]
+            offsets += [o + c for c in cuts]
+        return Layout(segments, offsets)
+
     def extent(self) -> int:
         """Elements a tensor needs to hold every segment."""
         return max((o + n for o, n in zip(self.offsets, self.segments)), default=0)

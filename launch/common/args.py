@@ -28,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-error-feedback", action="store_true")
     p.add_argument("--unbounded-scale", action="store_true",
                    help="3LC: scale = s * max|g + r| without the bound by the current gradient (experiments)")
+    p.add_argument("--scale-block", type=int, default=0,
+                   help="3LC: elements per scale (0: one per tensor; for Adam, e.g. 1024)")
     p.add_argument("--powersgd-rank", type=int, default=2)
     p.add_argument("--bucket-cap-mb", type=float, default=None,
                    help="DDP bucket size; PowerSGD on gloo needs one bucket (default for it: the whole model)")

@@ -89,6 +89,7 @@ def register_scheme(
     start_iter: int = 2,
     error_feedback: bool = True,
     bounded_scale: bool = True,
+    scale_block: int = 0,
     powersgd_rank: int = 2,
     seed: int = 0,
     timeout=None,
@@ -139,6 +140,7 @@ def register_scheme(
             start_iter=start_iter,
             error_feedback=error_feedback,
             bounded_scale=bounded_scale,
+            scale_block=scale_block,
             timeout=timeout,
         )
         ddp.register_comm_hook(state, threelc_hook)
