@@ -295,8 +295,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     needed, the *unwrapped* optimizer's state) from rank 0 before training.
 
     Args:
-        sparsity, transport, start_iter, error_feedback, sparsity_warmup, bounded_scale,
-        scale_block: as :class:`threelc.hooks.ThreeLCState` (bounded_scale: the scale is bounded by the
+        sparsity, transport, start_iter, error_feedback, sparsity_warmup, bounded_scale, scale_block:
+            as :class:`threelc.hooks.ThreeLCState` (bounded_scale: the scale is bounded by the
             current gradient's max, default True, so residual bursts cannot diverge training)
             (``start_iter`` counts optimizer steps, each averaged by a plain Horovod
             all-reduce before it).

@@ -85,7 +85,8 @@ class Transport:
         """Begin averaging ``grad`` (flat) over all ranks; the result is float32.
 
         ``segments`` are the lengths of the tensors packed in ``grad`` (one scale each, or
-        one per ``scale_block`` elements of each) and ``keys`` name them, so each keeps its residual however they are grouped.
+        one per ``scale_block`` elements of each) and ``keys`` name them, so each keeps
+        its residual however they are grouped.
         ``out`` (float32, ``grad``'s size, may be ``grad`` itself) receives the average.
         """
         raise NotImplementedError

@@ -11,8 +11,8 @@ own recipe (learning rate, optimizer, batch) and only the hook's arguments
 changed: ``none`` (DDP's fp32 all-reduce), ``fp16``, ``powersgd`` (rank 2, the
 whole model in one bucket) and 3LC at each sparsity multiplier on each
 transport, with threelc's default sparsity warm-up (and, with ``--scale-blocks``,
-one scale per that many elements: ``ThreeLCState(scale_block=...)``, cells ``-b<block>``).  Rank 0 evaluates the test
-loss every ``--eval-every`` steps and records the training seconds spent so
+one scale per that many elements: ``ThreeLCState(scale_block=...)``, cells
+``-b<block>``).  Rank 0 evaluates the test loss every ``--eval-every`` steps and records the training seconds spent so
 far (evaluations excluded).  ``none`` runs ``--steps`` (train.py's 300); every
 other hook runs ``--run-factor`` times as many, so a hook with cheaper steps has
 room to reach the target later in steps but sooner in time (the learning rate
