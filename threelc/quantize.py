@@ -63,8 +63,32 @@ def _absmax(values: torch.Tensor) -> torch.Tensor:
     return torch.maximum(low.abs(), high.abs()).float()
 
 
+# The loop pays about 10 us of dispatch per segment, one segment_reduce pass about 3 ns
+# per element: on CPU the pass was 1.6x faster at a mean length of 2048, slower at 4096.
+_VECTORISED_MEAN_LENGTH = 2048
+
+
 def segment_absmax(flat: torch.Tensor, segments: list[int]) -> torch.Tensor:
-    """max(|x|) of each segment as float32 (0 for an empty segment)."""
+    """max(|x|) of each segment as float32 (0 for an empty segment).
+
+    A NaN anywhere in a segment makes its entry NaN (sign and payload unspecified:
+    ``scales_from_absmax`` writes every NaN as one canonical NaN), +-inf gives inf and
+    -0.0 gives 0.0. ``segments`` are lengths summing to ``flat.numel()``.
+    """
+    if (len(segments) > 1 and flat.numel() < len(segments) * _VECTORISED_MEAN_LENGTH
+            and flat.dim() == 1 and flat.dtype in SUPPORTED_DTYPES):
+        lengths = np.asarray(segments, dtype=np.int64)
+        # The reduction below does not check its lengths (it would read out of bounds), so
+        # only lengths check_segments accepts reach it; anything else keeps the loop's behaviour.
+        if lengths.min() >= 0 and int(lengths.sum()) == flat.numel():
+            # non_blocking: a pageable source is staged at once, and a blocking copy would
+            # add a host synchronisation on CUDA.
+            lengths = torch.from_numpy(lengths).to(flat.device, non_blocking=True)
+            return _segment_absmax_vectorised(flat, lengths)
+    return _segment_absmax_loop(flat, segments)
+
+
+def _segment_absmax_loop(flat: torch.Tensor, segments: list[int]) -> torch.Tensor:
     maxima = torch.zeros(len(segments), dtype=torch.float32, device=flat.device)
     start = 0
     for i, n in enumerate(segments):
@@ -72,6 +96,16 @@ def segment_absmax(flat: torch.Tensor, segments: list[int]) -> torch.Tensor:
             maxima[i] = _absmax(flat[start : start + n])
         start += n
     return maxima
+
+
+def _segment_absmax_vectorised(flat: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    # Widening first is exact and order-preserving, so the maximum of the widened values is
+    # the widened maximum; segment_reduce on half/bfloat16 converts every element it
+    # compares and is several times slower than on float32.
+    values = flat.abs() if flat.dtype == torch.float32 else flat.float().abs_()
+    # Its max lets a NaN win against any number (a plain comparison would drop it), and
+    # initial=0 is both an empty segment's value and neutral for |x| >= 0.
+    return torch.segment_reduce(values, "max", lengths=lengths, unsafe=True, initial=0)
 
 
 def bounded_absmax(compensated: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
