@@ -131,6 +131,16 @@ def test_lanes_are_bit_identical(bounded, case, world, seed):
     assert same(out_a, out_b)
 
 
+def server_layouts(segments: list[int], world: int) -> list[Layout]:
+    """Per server j, its piece of every tensor in the bucket, as the sharded transport cuts them."""
+    pieces = [[n // world + (j < n % world) for j in range(world)] for n in segments]
+    starts, position = [], 0
+    for row in pieces:
+        starts.append([position + sum(row[:j]) for j in range(world)])
+        position += sum(row)
+    return [Layout([row[j] for row in pieces], [s[j] for s in starts]) for j in range(world)]
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.integers(0, 400), min_size=1, max_size=5), st.integers(2, 4), st.integers(0, 1000))
 def test_scattered_layouts_as_the_sharded_transport_cuts_them(segments, world, seed):
@@ -138,21 +148,83 @@ def test_scattered_layouts_as_the_sharded_transport_cuts_them(segments, world, s
     generator = torch.Generator().manual_seed(seed)
     numel = sum(segments)
     x, residual = torch.randn(numel, generator=generator), torch.randn(numel, generator=generator) * 0.1
-    pieces = [[n // world + (j < n % world) for j in range(world)] for n in segments]
-    starts, position = [], 0
-    for row in pieces:
-        starts.append([position + sum(row[:j]) for j in range(world)])
-        position += sum(row)
     out_a, out_b = torch.zeros(numel), torch.zeros(numel)
     residual_a, residual_b = torch.zeros(numel), torch.zeros(numel)
-    for j in range(world):
-        layout = Layout([row[j] for row in pieces], [s[j] for s in starts])
+    for layout in server_layouts(segments, world):
         a = TORCH.encode(x, residual, layout, 1.5, residual_out=residual_a)
         b = NATIVE.encode(x, residual, layout, 1.5, residual_out=residual_b)
         assert same_encoded(a, b)
         TORCH.decode([a.payload], layout, out_a, average=False)
         NATIVE.decode([b.payload], layout, out_b, average=False)
     assert same(out_a, out_b)
+
+
+SENTINEL = 12345.0
+
+
+def layout_positions(layout: Layout) -> torch.Tensor:
+    """The tensor positions ``layout`` reads and writes, in payload order."""
+    return torch.cat([torch.arange(o, o + n) for o, n in zip(layout.offsets, layout.segments)])
+
+
+def check_residual_stays_in_its_layout(codec, x, residual, layout, sparsity, device=torch.device("cpu"),
+                                       shared=None) -> torch.Tensor:
+    """``encode`` and ``encode_lanes`` write the new residual at ``layout``'s positions of
+    ``residual_out`` and leave every other position as it was (Codec.encode).
+
+    The reference is the PyTorch codec on the layout's elements gathered end to end: inside
+    the layout the buffer must hold its residual bit for bit, outside it still SENTINEL.
+    ``shared``: also encode into this buffer (one for all servers, as the sharded transport
+    passes it); returns the expected buffer of this layout alone.
+    """
+    inside = layout_positions(layout)
+    reference = TORCH.encode(x[inside], None if residual is None else residual[inside], Layout(layout.segments),
+                             sparsity)
+    assert reference.finite
+    expected = torch.full((x.numel(),), SENTINEL)
+    expected[inside] = reference.residual
+    on = (lambda t: None if t is None else t.to(device))
+    buffer = torch.full((x.numel(),), SENTINEL, device=device)
+    encoded = codec.encode(on(x), on(residual), layout, sparsity, residual_out=buffer)
+    assert encoded.residual is buffer and same(encoded.payload.cpu(), reference.payload)
+    assert same(buffer.cpu(), expected), f"{codec.name}: residual_out outside {layout} was written"
+    buffer.fill_(SENTINEL)
+    _, new, _ = codec.encode_lanes(on(x), on(residual), layout, on(reference.scales), 3, residual_out=buffer)
+    assert new is buffer and same(buffer.cpu(), expected), f"{codec.name}: encode_lanes wrote outside {layout}"
+    if shared is not None:
+        codec.encode(on(x), on(residual), layout, sparsity, residual_out=shared)
+    return expected
+
+
+def scattered_layouts(numel: int) -> list[Layout]:
+    """Layouts that leave positions of a ``numel``-element tensor out: gaps, an empty segment,
+    a tail, payload order unlike tensor order, a contiguous run that does not start at 0."""
+    third = numel // 3
+    return [Layout([5, 0, third, 3], [2, 10, 20, numel - 10]), Layout([3, third], [numel - 4, 1]),
+            Layout([numel - 7]), Layout([third, 9], [4, 4 + third])]
+
+
+@pytest.mark.parametrize("block", [0, 7])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["torch", "native"])
+def test_residual_out_is_written_only_at_the_layout_positions(name, dtype, block):
+    """Positions of ``residual_out`` outside the layout keep their values; one buffer given to
+    every server's encode (the sharded transport) ends up with each server's residual."""
+    codec = {"torch": TORCH, "native": NATIVE}[name]
+    generator = torch.Generator().manual_seed(block)
+    numel, segments = 1200, [300, 5, 0, 895]
+    x = torch.randn(numel, generator=generator).to(dtype)
+    residual = torch.randn(numel, generator=generator) * 0.1
+    for r in (None, residual):
+        for layout in scattered_layouts(numel):
+            check_residual_stays_in_its_layout(codec, x, r, layout.in_blocks(block), 1.9)
+        shared = torch.full((numel,), SENTINEL)
+        merged = torch.full((numel,), SENTINEL)
+        for layout in server_layouts(segments, 3):
+            layout = layout.in_blocks(block)
+            expected = check_residual_stays_in_its_layout(codec, x, r, layout, 1.9, shared=shared)
+            merged[layout_positions(layout)] = expected[layout_positions(layout)]
+        assert not bool((merged == SENTINEL).any()) and same(shared, merged)
 
 
 @pytest.mark.parametrize("bounded", [True, False])

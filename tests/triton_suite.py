@@ -21,7 +21,8 @@ from threelc.backends import TORCH, Layout, codec_for
 from threelc.lanes import pack_lanes
 from threelc.quantize import scales_from_absmax
 from test_bounded_scale import check_rule
-from test_native import SPARSITY_EDGES, cases, mutated, same, same_encoded
+from test_native import (SENTINEL, SPARSITY_EDGES, cases, check_residual_stays_in_its_layout, layout_positions,
+                         mutated, same, same_encoded, scattered_layouts, server_layouts)
 
 DEVICE = torch.device(os.environ.get("THREELC_TEST_DEVICE", "cpu"))
 CODEC = codec_for(DEVICE)
@@ -139,6 +140,25 @@ def test_scattered_layouts_as_the_sharded_transport_cuts_them():
         TORCH.decode([a.payload], layout, out_a, average=False)
         CODEC.decode([b.payload], layout, out_b, average=False)
     assert same(out_a, out_b.cpu()) and same(residual_a, residual_b.cpu())
+
+
+@pytest.mark.parametrize("block", [0, 33])
+def test_residual_out_is_written_only_at_the_layout_positions(block):
+    """As tests/test_native.py: positions of ``residual_out`` outside the layout keep their
+    values, and one buffer given to every server's encode ends up with each server's residual."""
+    generator = torch.Generator().manual_seed(11 + block)
+    numel, segments = 2600, [1100, 5, 0, 1495]  # chunks of 1024 cross segment and layout edges
+    x, residual = torch.randn(numel, generator=generator), torch.randn(numel, generator=generator) * 0.1
+    for r in (None, residual):
+        for layout in scattered_layouts(numel):
+            check_residual_stays_in_its_layout(CODEC, x, r, layout.in_blocks(block), 1.9, DEVICE)
+        shared, merged = torch.full((numel,), SENTINEL, device=DEVICE), torch.full((numel,), SENTINEL)
+        for layout in server_layouts(segments, 3):
+            layout = layout.in_blocks(block)
+            expected = check_residual_stays_in_its_layout(CODEC, x, r, layout, 1.9, DEVICE, shared=shared)
+            merged[layout_positions(layout)] = expected[layout_positions(layout)]
+        assert not bool((merged == SENTINEL).any()) and same(shared.cpu(), merged)
+    check_residual_stays_in_its_layout(CODEC, x.bfloat16(), residual, server_layouts(segments, 3)[1], 1.9, DEVICE)
 
 
 def test_non_finite_input_sends_nothing_and_keeps_the_residual_buffer():

@@ -100,7 +100,9 @@ class Codec:
                dtype: torch.dtype | None = None, feedback: bool = True, residual_out: torch.Tensor | None = None,
                zre: bool = True, bounded: bool = True) -> Encoded:
         """``dtype`` goes into the header (default ``x.dtype``). With ``feedback`` the new residual
-        is written into ``residual_out`` (default: a new float32 tensor shaped like ``x``).
+        is written into ``residual_out`` (default: a new float32 tensor shaped like ``x``) at the
+        layout's positions only: the others keep what they held, so the sharded transport passes
+        one buffer to the encodes of every server's layout (in the default tensor they are unspecified).
         ``bounded``: the scale is ``sparsity * min(max|x + r|, max|x|)`` per segment
         (quantize.bounded_absmax says why); without a residual that is today's scale."""
         raise NotImplementedError
@@ -153,7 +155,8 @@ class Codec:
     def encode_lanes(self, x: torch.Tensor, residual: torch.Tensor | None, layout: Layout, scales: torch.Tensor,
                      world_size: int, *, feedback: bool = True, residual_out: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """``(words, new residual or None, zeros)`` for scales every rank agreed on."""
+        """``(words, new residual or None, zeros)`` for scales every rank agreed on; ``residual_out``
+        as in ``encode``."""
         raise NotImplementedError
 
     def decode_lanes(self, words: torch.Tensor, layout: Layout, scales: torch.Tensor, world_size: int,
