@@ -29,8 +29,6 @@ steps, warm-up and rendezvous included), as a ratio to ``none``'s.  Needs root (
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import shutil
 import sys
@@ -40,7 +38,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch.common.runner import REPO
+from launch.bench.record import cells_to_run, new_document, output_prefix, run_all, save_json
 from threelc.hooks import FLAT_TRANSPORTS
 
 MODELS = ("charlm", "digits-cnn")
@@ -228,30 +226,20 @@ def plot(doc: dict, path: Path) -> None:
 
 
 def write(doc: dict, out: Path, final: bool) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
     derive(doc)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, out.with_suffix(".json"))
+    save_json(doc, out)
     if final:
         out.with_suffix(".md").write_text(markdown(doc) + "\n")
         plot(doc, out.with_suffix(".png"))
 
 
 def main(argv=None) -> int:
-    import platform
     import signal
-    import subprocess
 
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parse_args(argv)
-    if a.render:
-        write(json.loads(Path(a.render).read_text()), Path(a.render).with_suffix(""), final=True)
-        return 0
-    cells = plan(a)
-    if a.dry_run:
-        for c in cells:
-            print(c["id"], " ".join(c["train_args"]))
+    cells = cells_to_run(a, plan, write)
+    if cells is None:
         return 0
     signal.signal(signal.SIGINT, signal.default_int_handler)  # netlab tears down on the exception
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -261,26 +249,11 @@ def main(argv=None) -> int:
 
     preflight()
     cleanup_stale()
-    out = Path(a.out) if Path(a.out).is_absolute() else REPO / a.out
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    doc = {"command": " ".join(["python", "launch/bench_tta.py", *argv]), "settings": vars(a),
-           "machine": f"{platform.node()}, {os.cpu_count()} CPUs", "git_commit": commit,
-           "started": datetime.datetime.now().isoformat(timespec="seconds"), "cells": []}
+    out = output_prefix(a.out)
+    doc = new_document("launch/bench_tta.py", argv, vars(a))
     log_root = out.parent / "raw" / f"{out.name}_logs"
-    t_start = time.time()
-    for i, cell in enumerate(cells):
-        print(f"[bench_tta] {i + 1}/{len(cells)} {cell['id']} ...", file=sys.stderr, flush=True)
-        rec = run_cell(cell, a, log_root)
-        print(f"[bench_tta]   {rec['status']} in {rec['cell_wall_s']:.0f} s"
-              + (f": final loss {rec['final_loss']:.4f}" if rec["status"] == "ok" else f": {rec['error'][-200:]}"),
-              file=sys.stderr, flush=True)
-        doc["cells"].append(rec)
-        write(doc, out, final=False)
-    doc["wall_s"] = time.time() - t_start
-    write(doc, out, final=True)
-    print(f"[bench_tta] {len(cells)} cells in {doc['wall_s'] / 60:.1f} min -> {out.with_suffix('.md')}",
-          file=sys.stderr)
+    run_all("bench_tta", doc, cells, lambda cell: run_cell(cell, a, log_root), lambda d, final: write(d, out, final),
+            lambda r: f"ok: final loss {r['final_loss']:.4f}" if r["status"] == "ok" else f"failed: {r['error'][-200:]}")
     return 0
 
 

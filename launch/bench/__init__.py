@@ -1,1 +1,1 @@
-"""Libraries of launch/bench_net.py: the benchmark matrix (plan) and its tables and plots (report)."""
+"""Libraries of the benchmarks: bench_net's matrix (plan) and its tables and plots (report); the result document every cell-by-cell benchmark writes (record)."""

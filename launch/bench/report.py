@@ -8,14 +8,13 @@ checks that the committed launch/results/bench_net.md is exactly what this rende
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import statistics
 import sys
 from pathlib import Path
 
 from launch.bench.plan import RATES, converges, steps_for, variants
+from launch.bench.record import save_json
 
 def field(rec: dict, *path):
     x = rec
@@ -377,14 +376,11 @@ def plot(doc: dict, path: Path) -> None:
 
 
 def write_outputs(doc: dict, out: Path, final: bool) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
     derive(doc["cells"], doc["settings"].get("tta_slack", 0.01))
     if final:
         doc["auto_transport"] = auto_transport_eval(doc["cells"])
         doc["goals"] = goals(doc["cells"], argparse.Namespace(**doc["settings"]))
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    os.replace(tmp, out.with_suffix(".json"))
+    save_json(doc, out)
     if final:
         out.with_suffix(".md").write_text(markdown(doc) + "\n")
         try:
