@@ -187,8 +187,26 @@ class AllgatherTransport(Transport):
         return Deferred(finish, (payloads,))
 
 
+def agreed_absmax(proposals: torch.Tensor, bounded: bool) -> torch.Tensor:
+    """The one absmax per segment that the allreduce transport's ranks share, from each rank's proposal (rows).
+
+    One scale must serve every rank. Unbounded (the paper's rule) it is the largest
+    proposal. Bounded it is their mean: under the largest, the ranks with smaller
+    gradients send rarely and late (the delay error feedback adds, which cost accuracy at
+    s >= 1.75 on 4 ranks: README, "Accuracy at high sparsity"); under the smallest, the
+    larger ranks' values wait instead. Summed in rank order, so every rank, and any
+    reference that adds the rows in that order, gets the same bits.
+    """
+    if not bounded:
+        return proposals.amax(0)
+    total = proposals[0].clone()
+    for row in proposals[1:]:
+        total += row
+    return total / proposals.shape[0]
+
+
 class AllreduceTransport(Transport):
-    """Ranks agree on one scale per segment (MAX), then sum lane-packed ternaries (SUM)."""
+    """Ranks agree on one scale per segment (all-gather), then sum lane-packed ternaries (SUM)."""
 
     name = "allreduce"
 
@@ -199,16 +217,16 @@ class AllreduceTransport(Transport):
         # Each rank proposes its bounded absmax; the agreed scale is the largest proposal.
         absmax = codec.absmax(grad, residual, layout, bounded=self.memory.bounded)
         finite = torch.isfinite(absmax)
-        # The last entry is a "some rank is not finite" flag; NaN itself would not survive MAX.
+        # The last entry is a "this rank is not finite" flag; NaN itself would poison the agreement.
         proposal = torch.cat([torch.where(finite, absmax, 0.0), (~finite.all()).float().reshape(1)])
         self._timed("encode", start)
-        agreed = self.collectives.allreduce(proposal, "max")
+        proposals = self.collectives.allgather(proposal)  # (world, segments + 1), the same on every rank
         # Host syncs on CUDA: this .item() (every rank must skip a non-finite bucket alike,
         # before the integer all-reduce is issued) and encode_lanes' zero count.
-        if agreed[-1].item() > 0:
+        if proposals[:, -1].amax().item() > 0:
             return self._not_finite(grad.numel(), device)
         start = time.perf_counter()
-        scales = scales_from_absmax(agreed[:-1], self.sparsity)
+        scales = scales_from_absmax(agreed_absmax(proposals[:, :-1], self.memory.bounded), self.sparsity)
         residual_out = self.memory.spare(keys, grad.numel(), device) if self.memory.enabled else None
         words, new_residual, zeros = codec.encode_lanes(grad, residual, layout, scales, world,
                                                         feedback=self.memory.enabled, residual_out=residual_out)

@@ -68,10 +68,18 @@ class Reference:
     def _allreduce(self, keys, grads, segments):
         keys, segments = in_blocks(keys, segments, self.block)
         compensated = [w.compensate(list(keys), g, segments) for w, g in zip(self.workers, grads)]
-        # Each rank proposes its own (bounded) absmax; the scale is the largest proposal.
-        absmax = torch.stack([bounded_absmax(segment_absmax(c, segments), segment_absmax(g, segments))
-                              if w.bounded else segment_absmax(c, segments)
-                              for w, c, g in zip(self.workers, compensated, grads)]).amax(0)
+        # Each rank proposes its own (bounded) absmax. Unbounded the scale is the largest
+        # proposal; bounded their mean, added in rank order.
+        proposals = [bounded_absmax(segment_absmax(c, segments), segment_absmax(g, segments))
+                     if w.bounded else segment_absmax(c, segments)
+                     for w, c, g in zip(self.workers, compensated, grads)]
+        if self.workers[0].bounded:
+            absmax = proposals[0].clone()
+            for p in proposals[1:]:
+                absmax += p
+            absmax = absmax / self.world
+        else:
+            absmax = torch.stack(proposals).amax(0)
         scales = scales_from_absmax(absmax, self.sparsity)
         qs = [quantize_with_scales(c, scales, segments) for c in compensated]
         for worker, c, q in zip(self.workers, compensated, qs):
