@@ -322,9 +322,6 @@ class HostileCollectives(Collectives):
             self.corrupted += 1
             if self.mode == "garbage" and tensor.dtype == torch.int64:  # the lane-packed words (SUM)
                 tensor = torch.randint(-2**62, 2**62, tensor.shape, dtype=torch.int64, generator=self.generator)
-            elif self.mode == "garbage-scales" and tensor.dtype == torch.float32:  # the scale proposal (MAX)
-                tensor = torch.randint(-2**31, 2**31, tensor.shape, dtype=torch.int32,
-                                       generator=self.generator).view(torch.float32)
             elif self.mode == "short":
                 tensor = tensor[:-1]
         result = self._call(self.inner.allreduce, tensor, op)
@@ -333,6 +330,10 @@ class HostileCollectives(Collectives):
 
     def allgather(self, tensor):
         if self._active("allgather"):
+            if self.mode == "garbage-scales" and tensor.dtype == torch.float32:  # allreduce's scale proposals
+                self.corrupted += 1
+                tensor = torch.randint(-2**31, 2**31, tensor.shape, dtype=torch.int32,
+                                       generator=self.generator).view(torch.float32)
             tensor = self._sizes(tensor)
         result = self._call(self.inner.allgather, tensor)
         self._count(tensor, result)
@@ -454,10 +455,12 @@ def test_hostile_payload_fails_every_rank_cleanly(transport, mode, targets, mess
 def test_hostile_allreduce_cannot_split_the_ranks(mode):
     """Garbage in the allreduce transport cannot be detected: any int64 sum unpacks into
     lane values in [-N, 2**bits - 1 - N], and any float is a possible scale. But every
-    rank unpacks the same sum with the same agreed scales, so the averages are wrong
+    rank unpacks the same sum with the same agreed scales (every rank derives them from
+    the same gathered proposals), so the averages are wrong
     (from garbage words: at most (2**bits - 1 - N) / N scales) yet identical on every
     rank. A tensor of another length breaks the exchange on every rank."""
-    outcomes = run_hostile("allreduce", mode, ("allreduce",))
+    # The scale proposals travel in an all-gather, the lane-packed words in the all-reduce.
+    outcomes = run_hostile("allreduce", mode, ("allgather",) if mode == "garbage-scales" else ("allreduce",))
     finished = _check_outcomes(outcomes)
     if mode == "short":
         assert not finished and all(isinstance(o, ExchangeBroken) for o in outcomes), outcomes
