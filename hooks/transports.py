@@ -214,7 +214,7 @@ class AllreduceTransport(Transport):
         world, device, layout, codec = self.collectives.world_size, grad.device, self._layout(segments), codec_for(grad.device)
         start = time.perf_counter()
         residual = self.memory.residual(keys, segments, device)
-        # Each rank proposes its bounded absmax; the agreed scale is the largest proposal.
+        # Each rank proposes its (bounded) absmax; agreed_absmax says how the ranks agree on one.
         absmax = codec.absmax(grad, residual, layout, bounded=self.memory.bounded)
         finite = torch.isfinite(absmax)
         # The last entry is a "this rank is not finite" flag; NaN itself would poison the agreement.

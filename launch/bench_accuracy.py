@@ -16,7 +16,8 @@ One final evaluation on a small test set moves by a point or more from one seed 
 the next (the uncompressed runs too), so a single seed's verdict is noisy; the
 report gives every seed and the means. Runs are deterministic for a given seed and
 codec build (the native and pure-PyTorch codecs give the same bits), so any cell can
-be rerun alone with the command in its record.
+be rerun alone: ``torchrun --standalone --nproc-per-node <ranks> launch/train.py
+<train_args>`` with the two from its record.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from launch.bench.record import cells_to_run, new_document, output_prefix, run_all, save_json
-from launch.common.runner import REPO, RunError, run_standalone, standalone_cmd
+from launch.common.runner import RunError, run_standalone
 from threelc.hooks import FLAT_TRANSPORTS
 
 SPARSITIES = (1.0, 1.5, 1.75, 1.9)
@@ -75,8 +76,7 @@ def plan(a) -> list[dict]:
 
 
 def run_cell(cell: dict, a) -> dict:
-    rec = {**cell, "command": " ".join(standalone_cmd(cell["train_args"], cell["ranks"])[1:]).replace(
-        str(REPO) + "/", ""), "status": "ok", "error": None}
+    rec = {**cell, "status": "ok", "error": None}
     t0 = time.time()
     try:
         r = run_standalone(cell["train_args"], nproc=cell["ranks"], timeout=a.timeout)

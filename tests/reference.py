@@ -74,10 +74,7 @@ class Reference:
                      if w.bounded else segment_absmax(c, segments)
                      for w, c, g in zip(self.workers, compensated, grads)]
         if self.workers[0].bounded:
-            absmax = proposals[0].clone()
-            for p in proposals[1:]:
-                absmax += p
-            absmax = absmax / self.world
+            absmax = sum(proposals[1:], proposals[0]) / self.world  # left to right: rank order
         else:
             absmax = torch.stack(proposals).amax(0)
         scales = scales_from_absmax(absmax, self.sparsity)
