@@ -2,8 +2,9 @@
 
 Transports (hooks/transports.py) speak only to ``Collectives``; the DDP hook plugs
 in ``TorchCollectives`` (torch.distributed) and the Horovod integration its own
-class. Every call is blocking and returns new tensors; every rank must make the same
-calls in the same order, which the caller's single communication thread ensures.
+class. Every call is blocking and returns new tensors (or fills the ``out`` given);
+every rank must make the same calls in the same order, which the caller's single
+communication thread ensures.
 The byte counters record what this rank hands to and gets back from collectives.
 """
 
@@ -39,6 +40,8 @@ class Collectives:
 
     The ``*_async`` variants return a ``Pending``; the defaults here run the blocking
     call, so a backend without asynchronous collectives still works, only without overlap.
+    ``allgather_into`` and ``reduce_scatter`` are built here on the others; a backend
+    overrides them where it can skip a copy (hooks/shm.py).
     """
 
     rank: int
@@ -52,8 +55,8 @@ class Collectives:
         # hook's traffic figures cover every group its transport uses.
         self.parent: Collectives | None = None
 
-    def _count(self, sent: torch.Tensor, received: torch.Tensor | int) -> None:
-        sent_bytes = sent.numel() * sent.element_size()
+    def _count(self, sent: torch.Tensor | int, received: torch.Tensor | int) -> None:
+        sent_bytes = sent if isinstance(sent, int) else sent.numel() * sent.element_size()
         received_bytes = received if isinstance(received, int) else received.numel() * received.element_size()
         collectives = self
         while collectives is not None:
@@ -91,6 +94,27 @@ class Collectives:
         """Send ``tensor.split(send_splits)[j]`` to rank j; receive ``recv_splits`` from each."""
         raise NotImplementedError
 
+    def allgather_into(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``allgather`` written into ``out`` (contiguous, shape (world, *shape)); returns ``out``.
+
+        For callers that reuse one buffer step after step: a fresh buffer of tens of
+        megabytes costs more in page faults than the copy into it.
+        """
+        return out.copy_(self.allgather(tensor))
+
+    def reduce_scatter(self, pieces: list[torch.Tensor], splits: list[int],
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+        """The sum over ranks of the part each rank sends to this one, added in rank order.
+
+        Every rank lays ``pieces`` end to end and sends the ``splits[j]`` elements after
+        the first j parts to rank j (as ``alltoall``). Rank order (``x_0 + x_1 + ...``)
+        fixes the float result, so a reference can reproduce it bit for bit.
+        """
+        tensor = torch.cat(pieces) if len(pieces) != 1 else pieces[0]
+        mine = splits[self.rank]
+        rows = self.alltoall(tensor, splits, [mine] * self.world_size).view(self.world_size, mine)
+        return sum_in_rank_order(list(rows), out)
+
     def allgather_bytes(self, payload: torch.Tensor, sizes: list[int],
                         room: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Every rank's uint8 ``payload`` (their lengths ``sizes`` already exchanged)."""
@@ -120,6 +144,18 @@ class Collectives:
             padded[:n] = payload
         gathered = self.allgather_async(padded)
         return Pending(gathered, gathered, then=lambda done: [row[:size] for row, size in zip(done.wait(), sizes)])
+
+
+def sum_in_rank_order(rows: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """``rows[0] + rows[1] + ...``, left to right, into ``out`` (new when None)."""
+    if out is None:
+        out = torch.empty_like(rows[0])
+    if len(rows) == 1:
+        return out.copy_(rows[0])
+    torch.add(rows[0], rows[1], out=out)
+    for row in rows[2:]:
+        out += row
+    return out
 
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
@@ -153,13 +189,17 @@ class TorchCollectives(Collectives):
         self._count(tensor, result)
         return Pending(result, work)
 
-    def allgather_async(self, tensor: torch.Tensor) -> Pending:
+    def allgather_async(self, tensor: torch.Tensor, out: torch.Tensor | None = None) -> Pending:
         flat = tensor.reshape(-1).contiguous()
-        result = torch.empty(self.world_size * flat.numel(), dtype=tensor.dtype, device=tensor.device)
+        if out is None:
+            out = torch.empty(self.world_size * flat.numel(), dtype=tensor.dtype, device=tensor.device)
         # gloo takes the concatenated form only
-        work = dist.all_gather_into_tensor(result, flat, group=self.group, async_op=True)
-        self._count(tensor, result)
-        return Pending(result.view(self.world_size, *tensor.shape), work)
+        work = dist.all_gather_into_tensor(out.view(-1), flat, group=self.group, async_op=True)
+        self._count(tensor, out)
+        return Pending(out.view(self.world_size, *tensor.shape), work)
+
+    def allgather_into(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.allgather_async(tensor, out).wait()
 
     def alltoall(self, tensor: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
         result = torch.empty(sum(recv_splits), *tensor.shape[1:], dtype=tensor.dtype, device=tensor.device)

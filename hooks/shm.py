@@ -16,7 +16,8 @@ Protocol of collective k (every member makes the same calls in the same order):
    replaced by a larger one in a new file (a new *generation*);
 3. all-gather ``[room, generation, capacity, piece offsets]`` over gloo: the barrier,
    which also tells every peer where to read and which file to map;
-4. copy the pieces out of the peers' segments.
+4. copy the pieces out of the peers' segments (``reduce_scatter`` sums them from there
+   instead, into the caller's buffer).
 
 Half ``k % 2`` is written again at collective k+2, after collective k+1's barrier, which
 no peer passes before it has finished reading collective k. A file is unlinked once
@@ -41,7 +42,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from .collectives import Collectives, Pending, TorchCollectives
+from .collectives import Collectives, Pending, TorchCollectives, sum_in_rank_order
 
 _log = logging.getLogger("threelc")
 SHM_DIR_ENV = "THREELC_SHM_DIR"  # "" turns shared memory off; unset: /dev/shm
@@ -154,20 +155,23 @@ class SharedMemoryCollectives(Collectives):
             known = self._peers[peer] = (generation, _map(self._path(peer, generation)))
         return known[1]
 
-    def _publish(self, data: torch.Tensor, offsets: list[int]) -> tuple[Pending, int]:
-        """Steps 1-3: write ``data`` (bytes) into this collective's half; start the barrier."""
+    def _publish(self, parts: list[torch.Tensor], offsets: list[int]) -> tuple[Pending, int]:
+        """Steps 1-3: write ``parts`` (bytes) end to end into this collective's half; start the barrier."""
         self._settle()
         half = self._count_calls % 2
         self._count_calls += 1
-        grew, room = data.numel() > self._capacity, True
+        numel = sum(part.numel() for part in parts)
+        grew, room = numel > self._capacity, True
         if grew:
             try:
-                self._grow(self._generation + 1, max(MIN_CAPACITY, 1 << (data.numel() - 1).bit_length()))
+                self._grow(self._generation + 1, max(MIN_CAPACITY, 1 << (numel - 1).bit_length()))
             except OSError as error:  # no room: told to every peer in the barrier's table
                 grew, room, self._no_room = False, False, f"{type(error).__name__}: {error}"
         if room:
-            start = half * self._capacity
-            self._segment[start:start + data.numel()].copy_(data)
+            position = half * self._capacity
+            for part in parts:  # straight from the caller's pieces: no staging copy
+                self._segment[position:position + part.numel()].copy_(part)
+                position += part.numel()
         unlink, self._unlink_next = self._unlink_next, [self._own_files[-1]] if grew else []
 
         def read_after(done: torch.Tensor) -> torch.Tensor:
@@ -203,19 +207,24 @@ class SharedMemoryCollectives(Collectives):
     def allgather(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.allgather_async(tensor).wait()
 
-    def allgather_async(self, tensor: torch.Tensor) -> Pending:
+    def allgather_into(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.allgather_async(tensor, out).wait()
+
+    def allgather_async(self, tensor: torch.Tensor, out: torch.Tensor | None = None) -> Pending:
         if self._fallen_back:
             self._settle()
-            return self.group.allgather_async(tensor)
+            return self.group.allgather_async(tensor, out)
         data = _bytes(tensor)
-        barrier, half = self._publish(data, [0])
-        result = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+        barrier, half = self._publish([data], [0])
+        result = out if out is not None else torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype,
+                                                         device=tensor.device)
         self._count(tensor, result)
 
         def read(_):
             table = barrier.wait()
             if not self._room_everywhere(table):
-                return self.group.allgather(tensor)  # before any later collective: each one settles this first
+                # before any later collective: each one settles this first
+                return self.group.allgather_async(tensor, out).wait()
             rows = _bytes(result).view(self.world_size, -1)
             for peer in range(self.world_size):
                 rows[peer].copy_(data if peer == self.rank else self._piece(table, peer, half, 0, data.numel()))
@@ -234,7 +243,7 @@ class SharedMemoryCollectives(Collectives):
         offsets = [0]
         for rows in send_splits[:-1]:
             offsets.append(offsets[-1] + rows * row)
-        barrier, half = self._publish(data, offsets)
+        barrier, half = self._publish([data], offsets)
         table = barrier.wait()
         if not self._room_everywhere(table):
             return self.group.alltoall(tensor, send_splits, recv_splits)
@@ -248,6 +257,27 @@ class SharedMemoryCollectives(Collectives):
             position += length
         self._count(tensor, result)
         return result
+
+    def reduce_scatter(self, pieces: list[torch.Tensor], splits: list[int],
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed straight out of the peers' segments: no received copy, no staging buffer."""
+        if self._fallen_back:
+            self._settle()
+            return self.group.reduce_scatter(pieces, splits, out)
+        dtype, element = pieces[0].dtype, pieces[0].element_size()
+        offsets = [0]
+        for n in splits[:-1]:
+            offsets.append(offsets[-1] + n * element)
+        barrier, half = self._publish([_bytes(p) for p in pieces], offsets)
+        table = barrier.wait()
+        if not self._room_everywhere(table):
+            return self.group.reduce_scatter(pieces, splits, out)
+        mine = splits[self.rank]
+        # Offsets are whole elements from a page-aligned start, so each view is aligned.
+        rows = [self._piece(table, peer, half, self.rank, mine * element).view(dtype)
+                for peer in range(self.world_size)]
+        self._count(sum(splits) * element, self.world_size * mine * element)
+        return sum_in_rank_order(rows, out)
 
     def _settle(self) -> None:
         """Step 1: the previous collective's copies out are done."""

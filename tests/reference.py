@@ -107,7 +107,7 @@ class Reference:
         return torch.cat([served[j][i] for i in range(len(segments)) for j in range(world)])
 
     def _hierarchical(self, keys, grads, segments):
-        """Shard l of a node: (0 + x_0 + ... + x_{L-1}) / L in local-rank order, then group l's 3LC over nodes."""
+        """Shard l of a node: (x_0 + ... + x_{L-1}) / L in local-rank order, then group l's 3LC over nodes."""
         size, nodes = self.ranks_per_node, self.nodes
         pieces = [shard_lengths(n, size) for n in segments]  # pieces[i][l]
         split = [[p.float().split(pieces[i]) for i, p in enumerate(g.split(segments))] for g in grads]
@@ -116,10 +116,9 @@ class Reference:
             lengths = [pieces[i][local] for i in range(len(segments))]
             means = []
             for node in range(nodes):
-                total = torch.zeros(sum(lengths))
-                for rank in range(node * size, (node + 1) * size):
-                    total += torch.cat([split[rank][i][local] for i in range(len(segments))])
-                means.append(total / size)
+                rows = [torch.cat([split[rank][i][local] for i in range(len(segments))])
+                        for rank in range(node * size, (node + 1) * size)]
+                means.append(sum(rows[1:], rows[0]) / size)  # left to right, no leading zero
             inner_keys = [(k, local) for k in keys]
             results.append(self.groups[local].average(inner_keys, means, lengths).split(lengths))
         return torch.cat([results[local][i] for i in range(len(segments)) for local in range(size)])

@@ -25,6 +25,23 @@ def tensors(rank: int, step: int):
     return values, matrix
 
 
+def reduce_scatter_case(plain, values, rank, world):
+    """Pieces cut across the uneven splits (one rank's split empty at first), and the rank-order sum they must give."""
+    n = (values.numel() // world) * world  # the same on every rank
+    x = values[:n] * (rank + 1) + 0.1 * rank  # sums that rounding makes order-dependent
+    rows = n // world
+    splits = [rows + 1, rows - 1, rows] if rows else [0, 0, 0]
+    cuts = [0, min(1, n), n // 2, n]
+    pieces = [x[a:b] for a, b in zip(cuts, cuts[1:])]
+    everyone = plain.allgather(x)
+    start = sum(splits[:rank])
+    part = everyone[:, start:start + splits[rank]]
+    expected = part[0].clone()
+    for row in part[1:]:
+        expected = expected + row
+    return pieces, splits, expected
+
+
 def exchanges(rank, world, directory):
     plain = TorchCollectives().subgroup(list(range(world)))
     shared = host_collectives(plain, directory)
@@ -40,9 +57,19 @@ def exchanges(rank, world, directory):
         total = shared.allreduce(torch.tensor([float(step + rank)]), "sum")
         gathered = pending.wait()
         b = shared.allgather(values[:2].clone())
-        out["equal"].append(torch.equal(a, plain.alltoall(values, send, recv))
-                            and torch.equal(gathered, plain.allgather(matrix))
-                            and torch.equal(b, plain.allgather(values[:2].clone()))
+        into = torch.full((world, *matrix.shape), -1, dtype=matrix.dtype)
+        c = shared.allgather_into(matrix, into)
+        pieces, splits, expected = reduce_scatter_case(plain, values, rank, world)
+        summed = shared.reduce_scatter(pieces, splits)
+        buffer = torch.full((splits[rank],), float("nan"))
+        summed_into = shared.reduce_scatter(pieces, splits, out=buffer)
+        # Every rank runs the same collectives before comparing (a short-circuit would skip some on one rank only).
+        plain_a, plain_matrix = plain.alltoall(values, send, recv), plain.allgather(matrix)
+        plain_b, plain_summed = plain.allgather(values[:2].clone()), plain.reduce_scatter(pieces, splits)
+        out["equal"].append(torch.equal(a, plain_a) and torch.equal(gathered, plain_matrix)
+                            and torch.equal(b, plain_b) and c is into and torch.equal(into, plain_matrix)
+                            and torch.equal(summed, expected) and summed_into is buffer
+                            and torch.equal(buffer, expected) and torch.equal(plain_summed, expected)
                             and float(total) == sum(step + r for r in range(world)))
     for _ in range(2):  # no growth: the files of the last growth are unlinked after the next barriers
         shared.allgather(torch.ones(4))
@@ -72,10 +99,16 @@ def no_room_on_rank_1(rank, world, directory):
     try:
         for n in (1000, 20_000, 1_000_000, 10):  # the third: 4 MB, past rank 1's limit
             x = torch.arange(n * world, dtype=torch.float32) + 1000 * rank
+            # reduce_scatter first: at the third size it is the collective that finds no room
+            summed = shared.reduce_scatter([x[:5], x[5:]], [n] * world)
             pending = shared.allgather_async(x[:n])
             a = shared.alltoall(x, [n] * world, [n] * world)
-            equal.append(torch.equal(a, plain.alltoall(x, [n] * world, [n] * world))
-                         and torch.equal(pending.wait(), plain.allgather(x[:n])))
+            into = shared.allgather_into(x[:n], torch.empty(world, n))
+            gathered = pending.wait()
+            plain_a, plain_gathered = plain.alltoall(x, [n] * world, [n] * world), plain.allgather(x[:n])
+            plain_summed = plain.reduce_scatter([x], [n] * world)
+            equal.append(torch.equal(a, plain_a) and torch.equal(gathered, plain_gathered)
+                         and torch.equal(into, plain_gathered) and torch.equal(summed, plain_summed))
             fallen.append(shared._fallen_back)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limit)
