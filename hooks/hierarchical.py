@@ -13,7 +13,10 @@ With M nodes of L ranks each (group rank ``r`` on node ``r // L``, local rank ``
 3. inside a node, an all-gather of the averaged shards.
 
 ``start`` runs steps 1 and 2 up to the inter-node payload in flight; ``finish`` decodes
-it and runs step 3, so the next bucket's node reduction overlaps this one's transfer.
+it and runs step 3. The pipeline finishes a bucket before it starts the next (the
+``Deferred`` is ``in_order``): ranks of a node that took the two in different orders
+would each wait for the other in a different node collective. The transfer still
+overlaps backward's computation of the next buckets.
 
 Shard l's result comes from inter-node group l alone, whose members decode identical
 bytes, so every rank ends with the same bits. Agreement: each shard travels in step 3
@@ -105,9 +108,10 @@ class HierarchicalTransport(Transport):
         self.ranks_per_node, self.nodes = ranks_per_node, world // ranks_per_node
         node, self.local_rank = divmod(rank, ranks_per_node)
         # Same creation order on every rank: the node's two groups, then the same-index group.
-        # Two node groups: the reduce-scatter runs in start() and the all-gather in finish(),
-        # and the pipeline may start bucket k+1 before it finishes bucket k; on groups of
-        # their own each keeps the bucket order on every rank, whatever that timing.
+        # Two node groups, the reduce-scatter's (start) and the all-gather's (finish): a
+        # caller that starts bucket k+1 before finishing bucket k on every rank alike still
+        # pairs each collective with its own. Ranks that differ in that order would wait on
+        # each other across the groups, so the pipeline keeps one order (in_order below).
         node_ranks = [node * ranks_per_node + j for j in range(ranks_per_node)]
         self.scatter, self.gather = self._node_group(collectives, node_ranks), self._node_group(collectives, node_ranks)
         shared = isinstance(self.scatter, SharedMemoryCollectives) and isinstance(self.gather, SharedMemoryCollectives)
@@ -223,7 +227,8 @@ class HierarchicalTransport(Transport):
             self._timed("decode", start)
             return average
 
-        return Deferred(finish, (between,) if between is not None else ())
+        # in_order: finish issues the node all-gather (hooks/pipeline.py says why that matters).
+        return Deferred(finish, (between,) if between is not None else (), in_order=True)
 
     def _inner(self, held: list, step):
         """Run ``step`` of the inner transport with its commits into ``held`` and its time and zeros counted here."""

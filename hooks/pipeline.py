@@ -11,10 +11,14 @@ goes on computing the next buckets.
 A job runs its bucket up to the last collective, which it leaves in flight, and hands
 back a ``Deferred`` for the rest. The thread then starts the next bucket (if one is
 queued) before finishing the previous one, so bucket k+1's encoding overlaps bucket
-k's transfer and bucket k's decoding overlaps bucket k+1's transfer. Finishing issues no
-collective on a group that starting uses (the hierarchical transport's node all-gather
-has a group of its own), so on every group the order of collectives stays the bucket
-order whatever the timing.
+k's transfer and bucket k's decoding overlaps bucket k+1's transfer. Whether bucket k
+finishes before or after bucket k+1 starts depends on timing, which differs between
+ranks; that is safe because finishing only waits for collectives already issued. A
+``Deferred`` whose finish issues collectives of its own (the hierarchical transport's
+node all-gather) is marked ``in_order`` and finished before the next job starts:
+otherwise a rank finishing bucket k first (waiting in the all-gather for its node peer)
+and a peer starting bucket k+1 first (waiting in the reduce-scatter for that rank) would
+wait on each other for ever.
 """
 
 from __future__ import annotations
@@ -47,8 +51,9 @@ class Deferred:
     before it finishes this one, so the codec work of one overlaps the transfer of the other.
     """
 
-    def __init__(self, finish: Callable[[], object], pending: tuple = ()):
+    def __init__(self, finish: Callable[[], object], pending: tuple = (), in_order: bool = False):
         self._finish, self._pending = finish, pending
+        self.in_order = in_order  # finish() issues collectives: finish before any later job starts
 
     def done(self) -> bool:
         return all(p.done() for p in self._pending)
@@ -58,7 +63,7 @@ class Deferred:
 
     def wrapped(self, wrapper: Callable[[Callable[[], object]], object]) -> "Deferred":
         """The same exchange, its ``finish`` run as ``wrapper(finish)``."""
-        return Deferred(lambda: wrapper(self._finish), self._pending)
+        return Deferred(lambda: wrapper(self._finish), self._pending, self.in_order)
 
     @classmethod
     def of(cls, value) -> "Deferred":
@@ -144,7 +149,7 @@ class CommPipeline:
             if pending is not None:
                 self._complete(pending)
             pending = started
-            if pending is not None and flush:
+            if pending is not None and (flush or pending[0].in_order):
                 self._complete(pending)
                 pending = None
 

@@ -266,3 +266,29 @@ def test_undecodable_payload_between_nodes_fails_every_rank_alike():
     assert not any(t.is_alive() for t in threads), "a rank hung"
     assert all(isinstance(o, threelc.DecodeError) for o in outcomes), outcomes
     assert all("inter-node group(s) of local rank(s) [1] could not decode" in str(o) for o in outcomes), outcomes
+
+
+def pipeline_orders(rank, world):
+    """Rank 0 finishes bucket 0 before bucket 1 is queued; its node peer queues bucket 1 first (as timing may have it)."""
+    import datetime
+    import time
+
+    from threelc.hooks.collectives import TorchCollectives
+    from threelc.hooks.pipeline import CommPipeline
+
+    collectives = TorchCollectives(timeout=datetime.timedelta(seconds=10)).subgroup(list(range(world)))
+    transport = HierarchicalTransport(collectives, 1.5, True, 2)
+    grads = [torch.randn(1000, generator=torch.Generator().manual_seed(10 * rank + b)) for b in range(2)]
+    pipeline = CommPipeline()
+    first = pipeline.submit(lambda: transport.start(["a"], grads[0], [1000]), torch.device("cpu"), flush=False)
+    if rank == 0:
+        time.sleep(1.0)  # bucket 0's transfer is done and nothing is queued: the pipeline finishes it now
+    second = pipeline.submit(lambda: transport.start(["b"], grads[1], [1000]), torch.device("cpu"), flush=True)
+    return [first.wait(), second.wait()]
+
+
+def test_ranks_that_finish_and_start_in_different_orders_do_not_wait_on_each_other(tmp_path):
+    """Without in_order, rank 0 waits in the node all-gather and rank 1 in the reduce-scatter until the timeout."""
+    results = all_ok(run_ranks(pipeline_orders, 4, workdir=tmp_path, timeout=120, pg_timeout=10))
+    for result in results[1:]:
+        assert all(same_bits(a, b) for a, b in zip(result, results[0]))
