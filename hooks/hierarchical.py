@@ -13,10 +13,11 @@ With M nodes of L ranks each (group rank ``r`` on node ``r // L``, local rank ``
 3. inside a node, an all-gather of the averaged shards.
 
 ``start`` runs steps 1 and 2 up to the inter-node payload in flight; ``finish`` decodes
-it and runs step 3. The pipeline finishes a bucket before it starts the next (the
-``Deferred`` is ``in_order``): ranks of a node that took the two in different orders
-would each wait for the other in a different node collective. The transfer still
-overlaps backward's computation of the next buckets.
+it and runs step 3, so the next bucket's node reduction overlaps this one's transfer.
+As finish issues a collective, the pipeline finishes a bucket only after it starts the
+next (the ``Deferred`` says ``issues_collectives``), never by timing alone: ranks of a
+node that took the two in different orders would each wait for the other in a
+different node collective.
 
 Shard l's result comes from inter-node group l alone, whose members decode identical
 bytes, so every rank ends with the same bits. Agreement: each shard travels in step 3
@@ -111,7 +112,7 @@ class HierarchicalTransport(Transport):
         # Two node groups, the reduce-scatter's (start) and the all-gather's (finish): a
         # caller that starts bucket k+1 before finishing bucket k on every rank alike still
         # pairs each collective with its own. Ranks that differ in that order would wait on
-        # each other across the groups, so the pipeline keeps one order (in_order below).
+        # each other across the groups, so the pipeline keeps one order (issues_collectives).
         node_ranks = [node * ranks_per_node + j for j in range(ranks_per_node)]
         self.scatter, self.gather = self._node_group(collectives, node_ranks), self._node_group(collectives, node_ranks)
         shared = isinstance(self.scatter, SharedMemoryCollectives) and isinstance(self.gather, SharedMemoryCollectives)
@@ -158,8 +159,9 @@ class HierarchicalTransport(Transport):
 
         Tens of megabytes allocated afresh every bucket cost more in page faults than the
         work done in them. Each buffer has one use, finished before its next: ``node``
-        within ``start`` (the inner transport encodes it there), ``shard`` and ``rows``
-        within ``finish``, which the pipeline runs in bucket order.
+        within ``start`` (the inner transport encodes it there); ``shard`` (which the
+        inner transport decodes into) and ``rows`` within ``finish``, and finishes run in
+        bucket order.
         """
         buffer = self._buffers.get(name)
         if buffer is None or buffer.numel() < numel or buffer.device != device:
@@ -227,8 +229,8 @@ class HierarchicalTransport(Transport):
             self._timed("decode", start)
             return average
 
-        # in_order: finish issues the node all-gather (hooks/pipeline.py says why that matters).
-        return Deferred(finish, (between,) if between is not None else (), in_order=True)
+        # finish issues the node all-gather (hooks/pipeline.py says why that matters)
+        return Deferred(finish, (between,) if between is not None else (), issues_collectives=True)
 
     def _inner(self, held: list, step):
         """Run ``step`` of the inner transport with its commits into ``held`` and its time and zeros counted here."""

@@ -11,14 +11,14 @@ goes on computing the next buckets.
 A job runs its bucket up to the last collective, which it leaves in flight, and hands
 back a ``Deferred`` for the rest. The thread then starts the next bucket (if one is
 queued) before finishing the previous one, so bucket k+1's encoding overlaps bucket
-k's transfer and bucket k's decoding overlaps bucket k+1's transfer. Whether bucket k
-finishes before or after bucket k+1 starts depends on timing, which differs between
-ranks; that is safe because finishing only waits for collectives already issued. A
-``Deferred`` whose finish issues collectives of its own (the hierarchical transport's
-node all-gather) is marked ``in_order`` and finished before the next job starts:
-otherwise a rank finishing bucket k first (waiting in the all-gather for its node peer)
-and a peer starting bucket k+1 first (waiting in the reduce-scatter for that rank) would
-wait on each other for ever.
+k's transfer and bucket k's decoding overlaps bucket k+1's transfer. When no job is
+queued and bucket k's transfer is done, bucket k finishes first: which comes first then
+depends on timing, which differs between ranks. That is safe when finishing only waits
+for collectives already issued. A ``Deferred`` whose finish issues collectives of its
+own (the hierarchical transport's node all-gather) is marked ``issues_collectives`` and
+always finishes after the next job starts (or on a flush): a rank finishing bucket k
+first (waiting in the all-gather for its node peer) and a peer starting bucket k+1
+first (waiting in the reduce-scatter for that rank) would wait on each other for ever.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ class Deferred:
     before it finishes this one, so the codec work of one overlaps the transfer of the other.
     """
 
-    def __init__(self, finish: Callable[[], object], pending: tuple = (), in_order: bool = False):
+    def __init__(self, finish: Callable[[], object], pending: tuple = (), issues_collectives: bool = False):
         self._finish, self._pending = finish, pending
-        self.in_order = in_order  # finish() issues collectives: finish before any later job starts
+        self.issues_collectives = issues_collectives  # finished only after the next job starts
 
     def done(self) -> bool:
         return all(p.done() for p in self._pending)
@@ -63,7 +63,7 @@ class Deferred:
 
     def wrapped(self, wrapper: Callable[[Callable[[], object]], object]) -> "Deferred":
         """The same exchange, its ``finish`` run as ``wrapper(finish)``."""
-        return Deferred(lambda: wrapper(self._finish), self._pending, self.in_order)
+        return Deferred(lambda: wrapper(self._finish), self._pending, self.issues_collectives)
 
     @classmethod
     def of(cls, value) -> "Deferred":
@@ -125,8 +125,8 @@ class CommPipeline:
     def _run(self) -> None:
         pending = None  # (deferred, future, device) of the job started last, not yet finished
         while True:
-            if pending is None:
-                item = self._jobs.get()
+            if pending is None or pending[0].issues_collectives:
+                item = self._jobs.get()  # for the latter, finishing now would depend on timing
             else:
                 try:
                     item = self._jobs.get(timeout=0 if pending[0].done() else POLL_SECONDS)
@@ -149,7 +149,7 @@ class CommPipeline:
             if pending is not None:
                 self._complete(pending)
             pending = started
-            if pending is not None and (flush or pending[0].in_order):
+            if pending is not None and flush:
                 self._complete(pending)
                 pending = None
 

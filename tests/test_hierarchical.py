@@ -288,7 +288,7 @@ def pipeline_orders(rank, world):
 
 
 def test_ranks_that_finish_and_start_in_different_orders_do_not_wait_on_each_other(tmp_path):
-    """Without in_order, rank 0 waits in the node all-gather and rank 1 in the reduce-scatter until the timeout."""
+    """Finishing by timing alone, rank 0 waits in the node all-gather and rank 1 in the reduce-scatter until the timeout."""
     results = all_ok(run_ranks(pipeline_orders, 4, workdir=tmp_path, timeout=120, pg_timeout=10))
     for result in results[1:]:
         assert all(same_bits(a, b) for a, b in zip(result, results[0]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ class Gate:
         return self.event.is_set()
 
 
-def bucket_job(log: list, name: str, gate: Gate | None = None):
+def bucket_job(log: list, name: str, gate: Gate | None = None, issues_collectives: bool = False):
     def job():
         log.append(f"start {name}")
 
@@ -30,7 +31,7 @@ def bucket_job(log: list, name: str, gate: Gate | None = None):
             log.append(f"finish {name}")
             return torch.tensor([float(len(name))])
 
-        return Deferred(finish, (gate,) if gate else ())
+        return Deferred(finish, (gate,) if gate else (), issues_collectives)
     return job
 
 
@@ -54,6 +55,20 @@ def test_a_lone_bucket_finishes_once_its_transfer_completes():
     future.wait()
     pipeline.close()
     assert log == ["start b0", "finish b0"]
+
+
+def test_a_bucket_whose_finish_issues_collectives_waits_for_the_next_start():
+    """Finishing it by timing would let node peers take start and finish in different orders (a deadlock)."""
+    log, pipeline = [], CommPipeline()
+    gate = Gate()
+    gate.event.set()  # its transfer is done and nothing is queued: a plain bucket would finish now
+    first = pipeline.submit(bucket_job(log, "b0", gate, issues_collectives=True), CPU, flush=False)
+    time.sleep(0.2)  # time for the thread to finish it, were it to go by timing
+    assert log == ["start b0"] and not first.done()
+    second = pipeline.submit(bucket_job(log, "b1", issues_collectives=True), CPU, flush=True)
+    assert second.wait().item() == 2.0 and first.wait().item() == 2.0
+    pipeline.close()
+    assert log == ["start b0", "start b1", "finish b0", "finish b1"]
 
 
 def test_errors_reach_their_own_future_and_the_thread_goes_on():
