@@ -23,7 +23,7 @@ from threelc import DecodeError, ErrorFeedback, check_sparsity
 from threelc.backends import Codec, Encoded, Layout, codec_for
 from threelc.quantize import scales_from_absmax
 
-from .collectives import Collectives
+from .collectives import Collectives, sum_in_rank_order
 from .pipeline import Deferred
 
 # Status a server reports with its aggregate's size (sharded transport), and an
@@ -199,10 +199,7 @@ def agreed_absmax(proposals: torch.Tensor, bounded: bool) -> torch.Tensor:
     """
     if not bounded:
         return proposals.amax(0)
-    total = proposals[0].clone()
-    for row in proposals[1:]:
-        total += row
-    return total / proposals.shape[0]
+    return sum_in_rank_order(list(proposals)) / proposals.shape[0]
 
 
 class AllreduceTransport(Transport):
