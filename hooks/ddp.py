@@ -95,6 +95,8 @@ class ThreeLCState(ThreeLCEngine):
             while the residual is large (those above the scale as +-scale), so it drains
             as a stream (README: accuracy and bytes with and without). Without a residual
             both rules agree; False restores the unbounded scale (for experiments).
+            Sharded servers also cap their scale so that a value one worker sent passes
+            at once (transports.server_scale_cap).
         ranks_per_node: the node layout for ``"hierarchical"`` and ``"auto"``: group
             rank r runs on node r // ranks_per_node (default: torchrun's
             ``GROUP_RANK`` and ``LOCAL_WORLD_SIZE``). Every node must run the same

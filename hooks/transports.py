@@ -22,6 +22,7 @@ import torch
 from threelc import DecodeError, ErrorFeedback, check_sparsity
 from threelc.backends import Codec, Encoded, Layout, codec_for
 from threelc.quantize import scales_from_absmax
+from threelc.wire import segment_scales
 
 from .collectives import Collectives, sum_in_rank_order
 from .pipeline import Deferred
@@ -108,12 +109,12 @@ class Transport:
 
     @staticmethod
     def _encode(memory: ErrorFeedback, keys, segments, x: torch.Tensor, layout: Layout, codec: Codec,
-                dtype: torch.dtype) -> Encoded:
+                dtype: torch.dtype, scale_cap: torch.Tensor | None = None) -> Encoded:
         """Encode ``x`` (laid out as ``layout``) with ``memory``'s residual for ``keys`` (of ``segments``' lengths)."""
         residual = memory.residual(keys, segments, x.device)
         residual_out = memory.spare(keys, x.numel(), x.device) if memory.enabled else None
         return codec.encode(x, residual, layout, memory.sparsity, dtype=dtype, feedback=memory.enabled,
-                            residual_out=residual_out, bounded=memory.bounded)
+                            residual_out=residual_out, bounded=memory.bounded, scale_cap=scale_cap)
 
     @staticmethod
     def _output(out: torch.Tensor | None, numel: int, device: torch.device) -> torch.Tensor:
@@ -242,6 +243,25 @@ class AllreduceTransport(Transport):
         return Deferred(finish, (summed,))
 
 
+def server_scale_cap(worker_scales: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """The most a sharded server's scale may be, per segment: max_r S_r / min(N, s), from the workers' scales (rows).
+
+    The server's average of N ternary payloads holds multiples of S/N. At s near 2 its own
+    (bounded) threshold, s/2 x max|average|, sits near the largest of them, so a value
+    that one worker sent, the common case at high sparsity, waits in the server's
+    residual until others add to it: a second delay on top of the worker's, which cost
+    accuracy at s=1.9 (README, "Accuracy at high sparsity"). Capped at S/N, one worker's
+    value passes at once. S/s, a worker's largest input, keeps the server at least as
+    fast as what any worker can feed it per step on average, so the residual cannot grow
+    without bound where workers agree. At s=1.0 the cap is S, at or above the bounded
+    scale: nothing changes. Float32, the same bits on every rank.
+    """
+    divisor = torch.tensor(min(worker_scales.shape[0], sparsity), dtype=torch.float32, device=worker_scales.device)
+    # A non-finite worker scale makes that segment of the average, and so the server's
+    # scale, non-finite whatever the cap (the step is skipped); 0 keeps the cap valid.
+    return torch.nan_to_num(worker_scales.amax(0) / divisor, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 class ShardedTransport(Transport):
     """Parameter-server 3LC on collectives: each rank serves 1/N of every tensor.
 
@@ -313,7 +333,11 @@ class ShardedTransport(Transport):
         try:
             total = self._decode_peers(codec, received, mine,
                                        torch.empty(mine.numel, dtype=torch.float32, device=device), "shard")
-            served = self._encode(self.server_memory, list(keys), served_segments, total, mine, codec, grad.dtype)
+            cap = None
+            if self.server_memory.bounded:
+                scales = torch.stack([segment_scales(payload, len(mine.segments)) for payload in received])
+                cap = server_scale_cap(scales, self.server_memory.sparsity)
+            served = self._encode(self.server_memory, list(keys), served_segments, total, mine, codec, grad.dtype, cap)
             status = OK if served.finite else NOT_FINITE
         except DecodeError as error:
             status, problem = UNDECODABLE, str(error)

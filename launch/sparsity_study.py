@@ -7,6 +7,10 @@ arithmetic is replayed with the codec's pure functions, one scale per tensor (or
     python launch/sparsity_study.py --transport sharded --sparsity 1.9 --trace
     python launch/sparsity_study.py --transport sharded --sparsity 1.9 --server-sparsity 1.0
     python launch/sparsity_study.py --transport allgather --sparsity 1.9 --warmup 200
+    python launch/sparsity_study.py --transport sharded --bounded --server-cap hook --world 4
+
+The scale rule is the paper's unbounded one unless ``--bounded`` (the hook's default)
+is given; ``--server-cap hook`` adds the sharded server's cap (transports.server_scale_cap).
 
 It follows launch/train.py's defaults (the task's optimizer and learning rate,
 ``start_iter`` 2, 300 steps) but is not bit-identical to the hook: it is for
@@ -28,7 +32,9 @@ if __package__ in (None, ""):
 
 from launch.common import models
 from threelc.hooks import FLAT_TRANSPORTS
-from threelc.quantize import dequantize, quantize, quantize_with_scales, scales_from_absmax
+from threelc.hooks.transports import server_scale_cap
+from threelc.quantize import (bounded_absmax, cap_scales, dequantize, quantize, quantize_with_scales,
+                              scales_from_absmax, segment_absmax)
 
 
 def blocks(numel: int, block: int) -> list[int] | None:
@@ -37,19 +43,30 @@ def blocks(numel: int, block: int) -> list[int] | None:
     return [block] * (numel // block) + ([numel % block] if numel % block else [])
 
 
-def compress(x: torch.Tensor, residual: torch.Tensor, sparsity: float, args) -> tuple[torch.Tensor, torch.Tensor]:
-    """(decoded, new residual) of one error-feedback stage."""
+SENT = {"worker": 0, "server": 0}  # non-zero values sent by each stage (main resets it): a proxy for bytes
+
+
+def compress(x: torch.Tensor, residual: torch.Tensor, sparsity: float, args, cap: torch.Tensor | None = None,
+             stage: str = "worker") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(decoded, new residual, scales) of one error-feedback stage; ``cap`` bounds each scale (bounded rule only)."""
     compensated = x + args.residual_decay * residual
     segments = blocks(x.numel(), args.block)
-    q, scales = quantize(compensated, sparsity, segments)
+    if args.bounded:  # the hook's default: scale bounded by this step's own maximum
+        sizes = segments or [x.numel()]
+        absmax = bounded_absmax(segment_absmax(compensated, sizes), segment_absmax(x, sizes))
+        scales = cap_scales(scales_from_absmax(absmax, sparsity), cap)
+        q = quantize_with_scales(compensated, scales, sizes)
+    else:
+        q, scales = quantize(compensated, sparsity, segments)
     decoded = dequantize(q, scales, segments)
+    SENT[stage] += int(q.count_nonzero())
     if args.mean_scale and bool((q != 0).any()):  # send the mean selected magnitude, not sparsity * max
         decoded = q.float() * compensated.abs()[q != 0].mean()
     residual = compensated - decoded
     if args.residual_clip:  # variant: bound the residual by a multiple of this step's largest input
         bound = float(x.abs().max()) * args.residual_clip
         residual = residual.clamp(-bound, bound)
-    return decoded, residual
+    return decoded, residual, scales
 
 
 def average(grads: list[torch.Tensor], residuals: list[torch.Tensor], server_residual: torch.Tensor,
@@ -62,13 +79,20 @@ def average(grads: list[torch.Tensor], residuals: list[torch.Tensor], server_res
         decoded = [dequantize(quantize_with_scales(c, scales, [c.numel()]), scales) for c in compensated]
         residuals[:] = [c - d for c, d in zip(compensated, decoded)]
         return sum(decoded) / world, server_residual
-    decoded = []
+    decoded, scales = [], []
     for rank in range(world):
-        d, residuals[rank] = compress(grads[rank], residuals[rank], sparsity, args)
+        d, residuals[rank], s = compress(grads[rank], residuals[rank], sparsity, args)
         decoded.append(d)
+        scales.append(s.reshape(-1))
     mean = sum(decoded) / world
     if args.transport == "sharded":  # the server re-encodes the average with its own residual
-        mean, server_residual = compress(mean, server_residual, args.server_sparsity or sparsity, args)
+        cap = None
+        if args.server_cap == "hook":  # the hook's rule: largest worker scale / min(N, s)
+            cap = server_scale_cap(torch.stack(scales), sparsity)
+        elif args.server_cap == "one-rank":  # variant: one rank's share of the average, S / N
+            cap = torch.stack(scales).amax(0) / world
+        mean, server_residual, _ = compress(mean, server_residual, args.server_sparsity or sparsity, args, cap,
+                                            "server")
     return mean, server_residual
 
 
@@ -91,8 +115,14 @@ def main(argv=None) -> dict:
     p.add_argument("--residual-decay", type=float, default=1.0, help="residual multiplier before each step")
     p.add_argument("--residual-clip", type=float, default=0, help="bound |residual| by this x max|gradient| (0: none)")
     p.add_argument("--mean-scale", action="store_true", help="variant: decoded magnitude = mean selected |x|")
+    p.add_argument("--bounded", action="store_true", help="the hook's default scale rule, bounded by max|gradient|")
+    p.add_argument("--server-cap", choices=["hook", "one-rank"], default=None,
+                   help="with --bounded: cap the sharded server's scale (hook: the hook's rule)")
+    p.add_argument("--smooth", type=float, default=0.0,
+                   help="variant: what the optimizer gets is an EMA (this factor) of the averages")
     p.add_argument("--trace", action="store_true", help="norms every 10 steps")
     args = p.parse_args(argv)
+    SENT.update(worker=0, server=0)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     task = models.build(args.model, seed=args.seed)
@@ -100,6 +130,7 @@ def main(argv=None) -> dict:
     opt = task.make_optimizer(params)
     residuals = [[torch.zeros(q.numel()) for _ in range(args.world)] for q in params]
     server_residuals = [torch.zeros(q.numel()) for q in params]
+    smoothed = [torch.zeros(q.numel()) for q in params]
     for step in range(args.steps):
         grads = []
         for rank in range(args.world):
@@ -117,6 +148,9 @@ def main(argv=None) -> dict:
                 sent.append(sum(mine) / args.world)
                 continue
             mean, server_residuals[i] = average(mine, residuals[i], server_residuals[i], sparsity, args)
+            if args.smooth:
+                smoothed[i] = args.smooth * smoothed[i] + (1 - args.smooth) * mean
+                mean = smoothed[i]
             sent.append(mean)
         for q, g in zip(params, sent):
             q.grad = g.reshape(q.shape).clone()
@@ -126,6 +160,8 @@ def main(argv=None) -> dict:
             print(f"step {step} s={sparsity:.2f} |gradient|={norm(true):.3f} |applied|={norm(sent):.3f} "
                   f"|residual rank 0|={norm(r[0] for r in residuals):.3f} |server residual|={norm(server_residuals):.3f}")
     result = {k: v for k, v in vars(args).items() if k != "trace"} | task.evaluate(task.model)
+    result["nonzeros_sent"] = dict(SENT)
+    result |= {"residual_rank0": norm(r[0] for r in residuals), "server_residual": norm(server_residuals)}
     print(json.dumps(result))
     return result
 

@@ -91,10 +91,13 @@ class Reference:
         pieces = [shard_lengths(n, world) for n in segments]  # pieces[i][j]
         refined = [n for p in pieces for n in p]
         worker_keys, worker_blocks = in_blocks([(k, j) for k in keys for j in range(world)], refined, self.block)
-        decoded = []
+        # Scale entries per (tensor, server) piece, so server j can find its workers' scales.
+        counts = [len(in_blocks([None], [n], self.block)[1]) for n in refined]
+        decoded, worker_scales = [], []
         for rank, g in enumerate(grads):
             q, scale, _, _ = self.workers[rank].step(worker_keys, g, worker_blocks)
             decoded.append(threelc.dequantize(q, scale, worker_blocks).split(refined))
+            worker_scales.append(scale.split(counts))
         served = []
         for j in range(world):
             mine = [pieces[i][j] for i in range(len(segments))]
@@ -102,7 +105,12 @@ class Reference:
             for rank in range(world):
                 total += torch.cat([decoded[rank][i * world + j] for i in range(len(segments))])
             server_keys, server_blocks = in_blocks(keys, mine, self.block)
-            q, scale, _, _ = self.servers[j].step(server_keys, total / world, server_blocks)
+            cap = None
+            if self.servers[j].bounded:  # the largest worker scale over min(N, s), per scale entry
+                largest = torch.stack([torch.cat([worker_scales[rank][i * world + j] for i in range(len(segments))])
+                                       for rank in range(world)]).amax(0)
+                cap = largest / torch.tensor(min(world, self.sparsity), dtype=torch.float32)
+            q, scale, _, _ = self.servers[j].step(server_keys, total / world, server_blocks, cap)
             served.append(threelc.dequantize(q, scale, server_blocks).split(mine))
         return torch.cat([served[j][i] for i in range(len(segments)) for j in range(world)])
 

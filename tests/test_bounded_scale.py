@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import threelc
+from threelc import ConfigurationError
 from threelc.backends import NATIVE, TORCH, Layout
 from threelc.quantize import bounded_absmax, scales_from_absmax
 
@@ -50,13 +51,30 @@ def check_rule(codec, device="cpu"):
     assert idle.finite and idle.scales.cpu().tolist() == [0.0] and idle.zeros == 4
     assert idle.residual.cpu().tolist() == RESIDUAL.tolist()
 
-    # NaN or inf in g or in r still makes the scale non-finite: nothing is sent.
+    # NaN or inf in g or in r still makes the scale non-finite: nothing is sent, with a cap too.
     for g_bad, r_bad in ((math.nan, 0.0), (math.inf, 0.0), (0.0, math.nan), (0.0, math.inf), (math.inf, -math.inf)):
         g, r = GRADIENT.clone(), RESIDUAL.clone()
         g[1], r[1] = g_bad, r_bad
         encoded = codec.encode(on(g), on(r), layout, SPARSITY)
         assert not encoded.finite and not bool(torch.isfinite(encoded.scales).any()), (g_bad, r_bad)
         assert not bool(torch.isfinite(codec.absmax(on(g), on(r), layout)).any()), (g_bad, r_bad)
+        capped = codec.encode(on(g), on(r), layout, SPARSITY, scale_cap=on(torch.tensor([1.0])))
+        assert not capped.finite and not bool(torch.isfinite(capped.scales).any()), (g_bad, r_bad)
+
+    # A scale cap (the sharded server's, transports.server_scale_cap) lowers the scale:
+    # 10 and -10 are still sent, as +-1, and more of them stays in the residual.
+    capped = codec.encode(on(GRADIENT), on(RESIDUAL), layout, SPARSITY, scale_cap=on(torch.tensor([1.0])))
+    assert capped.scales.cpu().tolist() == [1.0] and capped.zeros == 2
+    assert capped.residual.cpu().tolist() == [9.0, -0.5, 0.25, -9.0]
+    # It never raises a scale, and a zero cap sends nothing and keeps everything.
+    assert codec.encode(on(GRADIENT), on(RESIDUAL), layout, SPARSITY,
+                        scale_cap=on(torch.tensor([2.0]))).scales.cpu().tolist() == [1.5]
+    closed = codec.encode(on(GRADIENT), on(RESIDUAL), layout, SPARSITY, scale_cap=on(torch.tensor([0.0])))
+    assert closed.finite and closed.zeros == 4 and closed.residual.cpu().tolist() == [10.0, -0.5, 0.25, -10.0]
+    for bad in (torch.tensor([-1.0]), torch.tensor([-0.0]), torch.tensor([math.nan]), torch.tensor([math.inf]),
+                torch.tensor([1.0, 1.0]), torch.tensor([1.0], dtype=torch.float64), [1.0]):
+        with pytest.raises(ConfigurationError, match="scale cap"):
+            codec.encode(on(GRADIENT), on(RESIDUAL), layout, SPARSITY, scale_cap=on(bad) if torch.is_tensor(bad) else bad)
 
 
 @pytest.mark.parametrize("codec", CODECS, ids=lambda c: c.name)

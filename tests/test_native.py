@@ -80,13 +80,26 @@ def peer_payloads(layout, dtype, sparsity, count, seed):
             for _ in range(count)]
 
 
+# Scale caps as fractions of each segment's absmax (None: no cap; 0: nothing sent).
+CAP_FRACTIONS = st.sampled_from([None, None, 0.0, 0.3, 0.7, 1.2, 3.0])
+
+
+def scale_cap(x, residual, layout, fraction):
+    """One cap per segment, ``fraction`` x its absmax (non-finite maxima get cap 1)."""
+    if fraction is None:
+        return None
+    absmax = TORCH.absmax(x, residual, layout)
+    return torch.where(torch.isfinite(absmax), absmax, 1.0).float() * fraction
+
+
 @pytest.mark.parametrize("bounded", [True, False])
 @settings(**SETTINGS)
-@given(cases(), st.booleans(), st.booleans())
-def test_encode_is_bit_identical(bounded, case, feedback, zre):
+@given(cases(), st.booleans(), st.booleans(), CAP_FRACTIONS)
+def test_encode_is_bit_identical(bounded, case, feedback, zre, cap_fraction):
     x, residual, layout, sparsity = case
-    a = TORCH.encode(x, residual, layout, sparsity, feedback=feedback, zre=zre, bounded=bounded)
-    b = NATIVE.encode(x, residual, layout, sparsity, feedback=feedback, zre=zre, bounded=bounded)
+    cap = scale_cap(x, residual, layout, cap_fraction)
+    a = TORCH.encode(x, residual, layout, sparsity, feedback=feedback, zre=zre, bounded=bounded, scale_cap=cap)
+    b = NATIVE.encode(x, residual, layout, sparsity, feedback=feedback, zre=zre, bounded=bounded, scale_cap=cap)
     assert same_encoded(a, b)
 
 

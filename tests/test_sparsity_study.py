@@ -9,7 +9,8 @@ from threelc import ErrorFeedback
 
 
 def _args(**overrides):
-    base = dict(transport="allgather", block=0, residual_decay=1.0, residual_clip=0, mean_scale=False, server_sparsity=None)
+    base = dict(transport="allgather", block=0, residual_decay=1.0, residual_clip=0, mean_scale=False, server_sparsity=None,
+                bounded=False, server_cap=None)
     return argparse.Namespace(**(base | overrides))
 
 
@@ -19,7 +20,7 @@ def test_compress_matches_error_feedback():
     memory = ErrorFeedback(1.9, bounded=False)  # the study replays the unbounded rule (README)
     memory.commit("t", residual.clone())
     expected = memory.step("t", x)
-    decoded, new_residual = study.compress(x, residual, 1.9, _args())
+    decoded, new_residual, _ = study.compress(x, residual, 1.9, _args())
     assert torch.equal(new_residual, expected.residual)
     assert torch.equal(decoded, x + residual - expected.residual)
 
@@ -35,6 +36,22 @@ def test_sharded_recompresses_and_allreduce_agrees_on_one_scale():
     magnitudes = summed.abs()[summed != 0].unique()
     scale = 1.5 * max(float(g.abs().max()) for g in grads)
     assert torch.allclose(magnitudes, torch.tensor([scale / 2, scale])[: magnitudes.numel()], rtol=1e-6)
+
+
+def test_bounded_server_cap_replays_the_hook_rule():
+    torch.manual_seed(2)
+    grads = [torch.randn(400), torch.randn(400) * 2]
+    zeros = [torch.zeros(400), torch.zeros(400)]
+    worker = ErrorFeedback(1.9)  # bounded, like the study's --bounded
+    scales = torch.stack([worker.quantize("t", g).scale.reshape(-1) for g in grads])
+    cap = float(scales.amax()) / 1.9  # min(N=2, s=1.9)
+    args = _args(transport="sharded", bounded=True)
+    uncapped, uncapped_residual = study.average(grads, list(zeros), torch.zeros(400), 1.9, args)
+    capped, capped_residual = study.average(grads, list(zeros), torch.zeros(400), 1.9,
+                                                 _args(transport="sharded", bounded=True, server_cap="hook"))
+    assert float(uncapped.abs().max()) > cap * 1.01  # the cap binds on this input
+    assert torch.allclose(capped.abs()[capped != 0].unique(), torch.tensor([cap]))
+    assert torch.allclose(capped + capped_residual, uncapped + uncapped_residual)  # nothing lost, only held back
 
 
 def test_short_run_trains():

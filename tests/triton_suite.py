@@ -21,8 +21,8 @@ from threelc.backends import TORCH, Layout, codec_for
 from threelc.lanes import pack_lanes
 from threelc.quantize import scales_from_absmax
 from test_bounded_scale import check_rule
-from test_native import (SENTINEL, SPARSITY_EDGES, cases, check_residual_stays_in_its_layout, layout_positions,
-                         mutated, same, same_encoded, scattered_layouts, server_layouts)
+from test_native import (CAP_FRACTIONS, SENTINEL, SPARSITY_EDGES, cases, check_residual_stays_in_its_layout, layout_positions,
+                         mutated, same, same_encoded, scale_cap, scattered_layouts, server_layouts)
 
 DEVICE = torch.device(os.environ.get("THREELC_TEST_DEVICE", "cpu"))
 CODEC = codec_for(DEVICE)
@@ -46,7 +46,7 @@ def test_the_codec_under_test_is_in_use():
 
 def encode_both(x, residual, layout, sparsity, **options):
     a = TORCH.encode(x, residual, layout, sparsity, **options)
-    b = CODEC.encode(on(x), on(residual), layout, sparsity, **options)
+    b = CODEC.encode(on(x), on(residual), layout, sparsity, **(options | {"scale_cap": on(options.get("scale_cap"))}))
     return a, b._replace(payload=b.payload.cpu(), scales=b.scales.cpu(), residual=on_cpu(b.residual), room=None)
 
 
@@ -56,10 +56,11 @@ def on_cpu(t):
 
 @pytest.mark.parametrize("bounded", [True, False])
 @settings(**SETTINGS)
-@given(small_cases, st.booleans(), st.booleans())
-def test_encode_is_bit_identical(bounded, case, feedback, zre):
+@given(small_cases, st.booleans(), st.booleans(), CAP_FRACTIONS)
+def test_encode_is_bit_identical(bounded, case, feedback, zre, cap_fraction):
     x, residual, layout, sparsity = case
-    a, b = encode_both(x, residual, layout, sparsity, feedback=feedback, zre=zre, bounded=bounded)
+    cap = scale_cap(x, residual, layout, cap_fraction)
+    a, b = encode_both(x, residual, layout, sparsity, feedback=feedback, zre=zre, bounded=bounded, scale_cap=cap)
     assert same_encoded(a, b)
 
 

@@ -31,8 +31,8 @@ import torch
 from .errors import ConfigurationError, DecodeError
 from .interface import Codec, Encoded, Layout, payload_error
 from .lanes import pack_lanes, unpack_lane_sums, word_count
-from .quantize import (_check_input, bounded_absmax, dequantize, quantize_with_scales, scales_from_absmax,
-                       segment_absmax, subtract_decoded)
+from .quantize import (_check_input, bounded_absmax, cap_scales, check_scale_cap, dequantize, quantize_with_scales,
+                       scales_from_absmax, segment_absmax, subtract_decoded)
 from .wire import DTYPE_CODES, decode_quantized, encode_quantized
 
 try:
@@ -84,11 +84,14 @@ class TorchCodec(Codec):
         return maxima
 
     def encode(self, x, residual, layout, sparsity, *, dtype=None, feedback=True, residual_out=None, zre=True,
-               bounded=True):
+               bounded=True, scale_cap=None):
         _check_input(x)
         segments = list(layout.segments)
+        if scale_cap is not None:
+            scale_cap = check_scale_cap(scale_cap, len(segments), x.device)
         compensated = self._compensated(x, residual, layout)
         scales = scales_from_absmax(self._absmax(x, residual, compensated, layout, bounded), sparsity)
+        scales = cap_scales(scales, scale_cap)
         if not bool(torch.isfinite(scales).all()):
             return Encoded(torch.empty(0, dtype=torch.uint8, device=x.device), scales, None, False, 0)
         q = quantize_with_scales(compensated, scales, segments)
@@ -153,16 +156,18 @@ class NativeCodec(Codec):
             raise ConfigurationError(f"the {what} holds {x.numel()} elements; its layout reaches {layout.extent()}")
 
     def encode(self, x, residual, layout, sparsity, *, dtype=None, feedback=True, residual_out=None, zre=True,
-               bounded=True):
+               bounded=True, scale_cap=None):
         x, residual, residual_out = self._prepare(x, residual, layout, feedback, residual_out)
         segments, offsets = layout.table()
         count = len(layout.segments)
+        if scale_cap is not None:
+            scale_cap = check_scale_cap(scale_cap, count, x.device)
         buffer = torch.empty(_native.payload_capacity(count, layout.numel), dtype=torch.uint8)
         scales = torch.empty(count, dtype=torch.float32)
         length, finite, zeros = _native.encode(
             x.data_ptr(), DTYPE_CODES[x.dtype], _pointer(residual), _pointer(residual_out), segments.data_ptr(),
             offsets.data_ptr(), count, float(sparsity), DTYPE_CODES[dtype or x.dtype], zre, buffer.data_ptr(),
-            scales.data_ptr(), torch.get_num_threads(), bool(bounded))
+            scales.data_ptr(), torch.get_num_threads(), bool(bounded), _pointer(scale_cap))
         if not finite:
             return Encoded(buffer[:0], scales, None, False, 0)
         return Encoded(buffer[:length], scales, residual_out, True, zeros, buffer)

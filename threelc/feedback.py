@@ -17,8 +17,8 @@ from typing import Hashable, List, NamedTuple, Sequence, Union
 import torch
 
 from .errors import ConfigurationError
-from .quantize import (bounded_absmax, check_segments, check_sparsity, quantize_with_scales, scales_from_absmax,
-                       segment_absmax, subtract_decoded)
+from .quantize import (bounded_absmax, cap_scales, check_scale_cap, check_segments, check_sparsity,
+                       quantize_with_scales, scales_from_absmax, segment_absmax, subtract_decoded)
 
 
 class Quantized(NamedTuple):
@@ -129,14 +129,17 @@ class ErrorFeedback:
             return flat.to(torch.float32, copy=True)
         return flat.float().add(residual)
 
-    def quantize(self, key: Keys, x: torch.Tensor, segments: Sequence[int] | None = None) -> Quantized:
-        """Compensate and quantize; the new residual is returned, not stored."""
+    def quantize(self, key: Keys, x: torch.Tensor, segments: Sequence[int] | None = None,
+                 scale_cap: torch.Tensor | None = None) -> Quantized:
+        """Compensate and quantize; the new residual is returned, not stored. ``scale_cap``: as the codecs' encode."""
         segments = check_segments(segments, x.numel())
         compensated = self.compensate(key, x, segments)
         maxima = segment_absmax(compensated, segments)
         if self.bounded:  # without a residual compensated is x and the bound changes nothing
             maxima = bounded_absmax(maxima, segment_absmax(x.reshape(-1), segments))
-        scales = scales_from_absmax(maxima, self.sparsity)
+        if scale_cap is not None:
+            scale_cap = check_scale_cap(scale_cap, len(segments), compensated.device)
+        scales = cap_scales(scales_from_absmax(maxima, self.sparsity), scale_cap)
         q = quantize_with_scales(compensated, scales, segments)
         finite = bool(torch.isfinite(scales).all())
         residual = None
@@ -164,9 +167,10 @@ class ErrorFeedback:
             self.residuals[k] = view
             self._owner[k] = keys
 
-    def step(self, key: Keys, x: torch.Tensor, segments: Sequence[int] | None = None) -> Quantized:
+    def step(self, key: Keys, x: torch.Tensor, segments: Sequence[int] | None = None,
+             scale_cap: torch.Tensor | None = None) -> Quantized:
         """``quantize`` then ``commit``: the single-process use."""
-        result = self.quantize(key, x, segments)
+        result = self.quantize(key, x, segments, scale_cap)
         self.commit(key, result, segments)
         return result
 

@@ -98,13 +98,15 @@ class Codec:
 
     def encode(self, x: torch.Tensor, residual: torch.Tensor | None, layout: Layout, sparsity: float, *,
                dtype: torch.dtype | None = None, feedback: bool = True, residual_out: torch.Tensor | None = None,
-               zre: bool = True, bounded: bool = True) -> Encoded:
+               zre: bool = True, bounded: bool = True, scale_cap: torch.Tensor | None = None) -> Encoded:
         """``dtype`` goes into the header (default ``x.dtype``). With ``feedback`` the new residual
         is written into ``residual_out`` (default: a new float32 tensor shaped like ``x``) at the
         layout's positions only: the others keep what they held, so the sharded transport passes
         one buffer to the encodes of every server's layout (in the default tensor they are unspecified).
         ``bounded``: the scale is ``sparsity * min(max|x + r|, max|x|)`` per segment
-        (quantize.bounded_absmax says why); without a residual that is today's scale."""
+        (quantize.bounded_absmax says why); without a residual that is today's scale.
+        ``scale_cap`` (float32, one per segment, on ``x``'s device): each finite scale is at
+        most its cap (quantize.cap_scales)."""
         raise NotImplementedError
 
     @staticmethod

@@ -135,6 +135,40 @@ def scales_from_absmax(absmax: torch.Tensor, sparsity: float) -> torch.Tensor:
     return torch.where(torch.isnan(scales), _canonical_nan(scales.device), scales)
 
 
+BAD_SCALE_CAP = "a scale cap must be finite and not negative (nor -0.0)"
+
+
+def check_scale_cap(cap: torch.Tensor, count: int, device: torch.device, *, values: bool = True) -> torch.Tensor:
+    """``cap`` as the encoders take it: one finite, non-negative float32 per segment, on ``device``.
+
+    ``values=False`` skips the check of the values, a host sync, for a caller that
+    reads ``invalid_scale_cap`` back with its own (the Triton codec)."""
+    if not isinstance(cap, torch.Tensor) or cap.dtype != torch.float32 or cap.shape != (count,) \
+            or cap.device != device:
+        raise ConfigurationError(f"a scale cap is a float32 tensor of {count} values (one per segment) on {device}; "
+                                 f"got {cap.dtype if isinstance(cap, torch.Tensor) else type(cap).__name__} "
+                                 f"of shape {tuple(getattr(cap, 'shape', ()))}")
+    if values and bool(invalid_scale_cap(cap)):
+        raise ConfigurationError(BAD_SCALE_CAP)
+    return cap.contiguous()
+
+
+def invalid_scale_cap(cap: torch.Tensor) -> torch.Tensor:
+    """A device bool: some cap is NaN, infinite, negative or -0.0."""
+    return ~(torch.isfinite(cap) & ~torch.signbit(cap)).all()
+
+
+def cap_scales(scales: torch.Tensor, cap: torch.Tensor | None) -> torch.Tensor:
+    """Per segment ``min(scale, cap)``; a non-finite scale stays as it is (it marks a non-finite input).
+
+    Values above a capped scale quantize to +-1 and the rest stays in the residual, as
+    under the bounded scale. The sharded transport's server uses it (transports.server_scale_cap).
+    """
+    if cap is None:
+        return scales
+    return torch.where(torch.isfinite(scales), torch.minimum(scales, cap), scales)
+
+
 def _canonical_nan(device: torch.device) -> torch.Tensor:
     return torch.tensor(CANONICAL_NAN_BITS, dtype=torch.int32, device=device).view(torch.float32)
 

@@ -161,12 +161,18 @@ def parse_header(head: bytes, size: int, table: Callable[[int], bytes]) -> Heade
                   HEADER_SIZE + SEGMENT_ENTRY_SIZE * num_segments, body_length)
 
 
+def segment_scales(payload: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` float32 scales of a payload known to hold ``count`` segments (a codec
+    decoded it), read on the payload's device without parsing the header again."""
+    start = HEADER_SIZE + 8 * count  # after the header and the u64 segment lengths
+    return payload[start:start + 4 * count].clone().view(torch.float32)
+
+
 def decode_quantized(payload) -> tuple[torch.Tensor, torch.Tensor, Header]:
     """``(q, scales, header)`` of a payload; raises ``DecodeError`` if it is not valid."""
     payload = _as_payload(payload)
     header = read_header(payload)
-    scale_start = HEADER_SIZE + 8 * len(header.segments)
-    scales = payload[scale_start:header.body_offset].clone().view(torch.float32)
+    scales = segment_scales(payload, len(header.segments))
     if bool(negative_scales(scales).any()):
         raise DecodeError("payload holds a negative scale")
     body = payload[header.body_offset:]

@@ -202,6 +202,7 @@ struct EncodeArgs {
   float* scales_out;      // count floats
   int threads;
   bool bounded;           // scale from min(max|x + r|, max|x|) (quantize.bounded_absmax)
+  const float* scale_cap; // may be null; else count floats: a finite scale is at most its cap
 };
 struct EncodeResult {
   int64_t length = 0;  // payload bytes (0 when not finite)

@@ -168,8 +168,13 @@ EncodeResult encode(const EncodeArgs& args) {
   EncodeResult result;
   segment_absmax(args.x, args.x_dtype, args.residual, seg, args.scales_out, args.threads, args.bounded);
   for (int64_t s = 0; s < seg.count; ++s) {
-    args.scales_out[s] = scale_from_absmax(args.scales_out[s], args.sparsity);
-    if (!std::isfinite(args.scales_out[s])) result.finite = false;
+    float scale = scale_from_absmax(args.scales_out[s], args.sparsity);
+    if (!std::isfinite(scale)) {
+      result.finite = false;
+    } else if (args.scale_cap != nullptr && args.scale_cap[s] < scale) {  // quantize.cap_scales
+      scale = args.scale_cap[s];
+    }
+    args.scales_out[s] = scale;
   }
   if (!result.finite) return result;  // nothing is sent and no residual is kept
   const std::vector<float> thresholds = thresholds_of(args.scales_out, seg.count);

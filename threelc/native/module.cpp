@@ -25,17 +25,17 @@ Segments segments_of(unsigned long long lengths, unsigned long long offsets, lon
 }
 
 PyObject* py_encode(PyObject*, PyObject* args) {
-  unsigned long long x, residual, residual_out, lengths, offsets, out, scales_out;
+  unsigned long long x, residual, residual_out, lengths, offsets, out, scales_out, scale_cap;
   int x_dtype, header_dtype, zre, threads, bounded;
   long long count;
   double sparsity;
-  if (!PyArg_ParseTuple(args, "KiKKKKLdipKKip", &x, &x_dtype, &residual, &residual_out, &lengths, &offsets, &count,
-                        &sparsity, &header_dtype, &zre, &out, &scales_out, &threads, &bounded))
+  if (!PyArg_ParseTuple(args, "KiKKKKLdipKKipK", &x, &x_dtype, &residual, &residual_out, &lengths, &offsets, &count,
+                        &sparsity, &header_dtype, &zre, &out, &scales_out, &threads, &bounded, &scale_cap))
     return nullptr;
   Segments seg = segments_of(lengths, offsets, count);
   EncodeArgs a{ptr<const void>(x), x_dtype, ptr<const float>(residual), ptr<float>(residual_out), &seg,
                static_cast<float>(sparsity), header_dtype, zre != 0, ptr<uint8_t>(out), ptr<float>(scales_out), threads,
-               bounded != 0};
+               bounded != 0, ptr<const float>(scale_cap)};
   EncodeResult r;
   Py_BEGIN_ALLOW_THREADS
   r = encode(a);

@@ -29,7 +29,7 @@ from ..interface import Codec, Encoded, payload_error
 from ..errors import ConfigurationError, DecodeError
 from ..lanes import lane_bits, lanes_per_word, word_count
 from ..packing import TRITS_PER_BYTE, packed_length
-from ..quantize import _check_input, scales_from_absmax
+from ..quantize import BAD_SCALE_CAP, _check_input, cap_scales, check_scale_cap, invalid_scale_cap, scales_from_absmax
 from ..wire import HEADER_SIZE, SEGMENT_ENTRY_SIZE, header_prefix, negative_scales, parse_header
 from . import kernels as K
 
@@ -167,11 +167,15 @@ class TritonCodec(Codec):
         return total
 
     def encode(self, x, residual, layout, sparsity, *, dtype=None, feedback=True, residual_out=None, zre=True,
-               bounded=True):
+               bounded=True, scale_cap=None):
         x, residual, residual_out = self._prepare(x, residual, layout, feedback, residual_out)
         device, count, numel = x.device, len(layout.segments), layout.numel
+        bad_cap = torch.zeros((), dtype=torch.bool, device=device)
+        if scale_cap is not None:  # its values are checked with the read-back below
+            scale_cap = check_scale_cap(scale_cap, count, device, values=False)
+            bad_cap = invalid_scale_cap(scale_cap)
         table = _chunk_table(layout, device)
-        scales = scales_from_absmax(self._absmax(x, residual, layout, table, bounded), sparsity)
+        scales = cap_scales(scales_from_absmax(self._absmax(x, residual, layout, table, bounded), sparsity), scale_cap)
         finite = torch.isfinite(scales).all().to(torch.int32)
         n5 = packed_length(numel)
 
@@ -198,7 +202,10 @@ class TritonCodec(Codec):
         else:
             length = torch.full((), n5, dtype=torch.int64, device=device)
         # The one sync: the exchange needs the payload's size on the host.
-        body_length, is_finite, zero_count = torch.stack([length, finite.to(torch.int64), zeros]).cpu().tolist()
+        body_length, is_finite, zero_count, cap_rejected = torch.stack(
+            [length, finite.to(torch.int64), zeros, bad_cap.to(torch.int64)]).cpu().tolist()
+        if cap_rejected:
+            raise ConfigurationError(BAD_SCALE_CAP)
         if not is_finite:
             return Encoded(buffer[:0], scales, None, False, 0)
         return Encoded(buffer[:body_offset + body_length], scales, residual_out, True, zero_count, buffer)
