@@ -7,10 +7,9 @@ CPU kernels differ between machines, so a single run's verdict can flip from one
 to the next. The assertions are therefore on the mean over the three seeds against the
 uncompressed runs' mean: launch/bench_accuracy.py's rule, whose cells these are.
 
-- allgather and allreduce at s = 1.9 and sharded at s = 1.75: within 1 point (the target).
-- sharded at s = 1.9 misses that target (README, "Accuracy at high sparsity": the server's
-  second round of error feedback delays values further); it is held to 2 points, which
-  the unbounded scale (12%, diverged) and any return of that divergence fail.
+- allgather, allreduce and sharded at s = 1.9 and sharded at s = 1.75: within 1 point
+  (the target). Sharded at s = 1.9 lost 1.39 points before its server's scale was capped
+  (transports.server_scale_cap); with the unbounded scale it diverged (12%).
 - every cell sends far fewer bytes over the whole run, warm-up included.
 
 About two minutes: fifteen torchruns of ~8 s each.
@@ -26,7 +25,7 @@ SEEDS = "0,1,2"
 # (transport, sparsity): the accuracy the seed mean may lose, whole-run traffic at least.
 # allreduce's lanes cost 2 bits a value at 2 ranks, so its floor is lower.
 CELLS = {("allgather", 1.9): (0.01, 20), ("allreduce", 1.9): (0.01, 8), ("sharded", 1.75): (0.01, 20),
-         ("sharded", 1.9): (0.02, 20)}
+         ("sharded", 1.9): (0.01, 20)}
 
 
 def _args(transports: str, sparsity: float):

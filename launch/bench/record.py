@@ -24,6 +24,10 @@ def new_document(script: str, argv: list[str], settings: dict) -> dict:
     """The command that reproduces the run, its settings, the machine and commit, no cells yet."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
+    # Uncommitted changes to the code a benchmark runs (results aside) are not what the commit holds: say so.
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "threelc", "hooks", "launch",
+                            ":(exclude)launch/results"], cwd=REPO, capture_output=True).returncode
+    commit += "+uncommitted" if dirty == 1 else ""
     return {"command": " ".join(["python", script, *argv]), "settings": settings,
             "machine": f"{platform.node()}, {os.cpu_count()} CPUs", "git_commit": commit,
             "started": datetime.datetime.now().isoformat(timespec="seconds"), "cells": []}
