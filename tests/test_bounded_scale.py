@@ -73,8 +73,9 @@ def check_rule(codec, device="cpu"):
     assert closed.finite and closed.zeros == 4 and closed.residual.cpu().tolist() == [10.0, -0.5, 0.25, -10.0]
     for bad in (torch.tensor([-1.0]), torch.tensor([-0.0]), torch.tensor([math.nan]), torch.tensor([math.inf]),
                 torch.tensor([1.0, 1.0]), torch.tensor([1.0], dtype=torch.float64), [1.0]):
+        cap = on(bad) if torch.is_tensor(bad) else bad
         with pytest.raises(ConfigurationError, match="scale cap"):
-            codec.encode(on(GRADIENT), on(RESIDUAL), layout, SPARSITY, scale_cap=on(bad) if torch.is_tensor(bad) else bad)
+            codec.encode(on(GRADIENT), on(RESIDUAL), layout, SPARSITY, scale_cap=cap)
 
 
 @pytest.mark.parametrize("codec", CODECS, ids=lambda c: c.name)

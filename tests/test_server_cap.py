@@ -29,9 +29,10 @@ def test_the_cap_is_the_largest_worker_scale_over_min_of_world_and_sparsity():
 
 
 def _first_average(pieces: dict, bounded: bool) -> torch.Tensor:
-    """Rank 0's first-step average of one 8-element tensor on 2 ranks (s = 1.9); rank r's gradient is pieces[r] + zeros."""
+    """Rank 0's first-step average of one 8-element tensor on 2 ranks (s = 1.9): rank r sends pieces[r] + 4 zeros."""
     def body(rank, collectives):
-        return ShardedTransport(collectives, 1.9, True, bounded).reduce([0], torch.tensor(pieces[rank] + [0.0] * 4), [8])
+        gradient = torch.tensor(pieces[rank] + [0.0] * 4)
+        return ShardedTransport(collectives, 1.9, True, bounded).reduce([0], gradient, [8])
 
     return ThreadWorld(2).run(body)[0]
 

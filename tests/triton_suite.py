@@ -21,8 +21,8 @@ from threelc.backends import TORCH, Layout, codec_for
 from threelc.lanes import pack_lanes
 from threelc.quantize import scales_from_absmax
 from test_bounded_scale import check_rule
-from test_native import (CAP_FRACTIONS, SENTINEL, SPARSITY_EDGES, cases, check_residual_stays_in_its_layout, layout_positions,
-                         mutated, same, same_encoded, scale_cap, scattered_layouts, server_layouts)
+from test_native import (CAP_FRACTIONS, SENTINEL, SPARSITY_EDGES, cases, check_residual_stays_in_its_layout,
+                         layout_positions, mutated, same, same_encoded, scale_cap, scattered_layouts, server_layouts)
 
 DEVICE = torch.device(os.environ.get("THREELC_TEST_DEVICE", "cpu"))
 CODEC = codec_for(DEVICE)
