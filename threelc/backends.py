@@ -87,8 +87,7 @@ class TorchCodec(Codec):
                bounded=True, scale_cap=None):
         _check_input(x)
         segments = list(layout.segments)
-        if scale_cap is not None:
-            scale_cap = check_scale_cap(scale_cap, len(segments), x.device)
+        scale_cap = check_scale_cap(scale_cap, len(segments), x.device)
         compensated = self._compensated(x, residual, layout)
         scales = scales_from_absmax(self._absmax(x, residual, compensated, layout, bounded), sparsity)
         scales = cap_scales(scales, scale_cap)
@@ -160,8 +159,7 @@ class NativeCodec(Codec):
         x, residual, residual_out = self._prepare(x, residual, layout, feedback, residual_out)
         segments, offsets = layout.table()
         count = len(layout.segments)
-        if scale_cap is not None:
-            scale_cap = check_scale_cap(scale_cap, count, x.device)
+        scale_cap = check_scale_cap(scale_cap, count, x.device)
         buffer = torch.empty(_native.payload_capacity(count, layout.numel), dtype=torch.uint8)
         scales = torch.empty(count, dtype=torch.float32)
         length, finite, zeros = _native.encode(

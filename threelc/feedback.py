@@ -137,8 +137,7 @@ class ErrorFeedback:
         maxima = segment_absmax(compensated, segments)
         if self.bounded:  # without a residual compensated is x and the bound changes nothing
             maxima = bounded_absmax(maxima, segment_absmax(x.reshape(-1), segments))
-        if scale_cap is not None:
-            scale_cap = check_scale_cap(scale_cap, len(segments), compensated.device)
+        scale_cap = check_scale_cap(scale_cap, len(segments), compensated.device)
         scales = cap_scales(scales_from_absmax(maxima, self.sparsity), scale_cap)
         q = quantize_with_scales(compensated, scales, segments)
         finite = bool(torch.isfinite(scales).all())

@@ -138,11 +138,14 @@ def scales_from_absmax(absmax: torch.Tensor, sparsity: float) -> torch.Tensor:
 BAD_SCALE_CAP = "a scale cap must be finite and not negative (nor -0.0)"
 
 
-def check_scale_cap(cap: torch.Tensor, count: int, device: torch.device, *, values: bool = True) -> torch.Tensor:
-    """``cap`` as the encoders take it: one finite, non-negative float32 per segment, on ``device``.
+def check_scale_cap(cap: torch.Tensor | None, count: int, device: torch.device, *,
+                    values: bool = True) -> torch.Tensor | None:
+    """``cap`` as the encoders take it: None, or one finite, non-negative float32 per segment on ``device``.
 
     ``values=False`` skips the check of the values, a host sync, for a caller that
     reads ``invalid_scale_cap`` back with its own (the Triton codec)."""
+    if cap is None:
+        return None
     if not isinstance(cap, torch.Tensor) or cap.dtype != torch.float32 or cap.shape != (count,) \
             or cap.device != device:
         raise ConfigurationError(f"a scale cap is a float32 tensor of {count} values (one per segment) on {device}; "

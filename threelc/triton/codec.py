@@ -170,10 +170,7 @@ class TritonCodec(Codec):
                bounded=True, scale_cap=None):
         x, residual, residual_out = self._prepare(x, residual, layout, feedback, residual_out)
         device, count, numel = x.device, len(layout.segments), layout.numel
-        bad_cap = torch.zeros((), dtype=torch.bool, device=device)
-        if scale_cap is not None:  # its values are checked with the read-back below
-            scale_cap = check_scale_cap(scale_cap, count, device, values=False)
-            bad_cap = invalid_scale_cap(scale_cap)
+        scale_cap = check_scale_cap(scale_cap, count, device, values=False)  # values: in the read-back below
         table = _chunk_table(layout, device)
         scales = cap_scales(scales_from_absmax(self._absmax(x, residual, layout, table, bounded), sparsity), scale_cap)
         finite = torch.isfinite(scales).all().to(torch.int32)
@@ -202,9 +199,11 @@ class TritonCodec(Codec):
         else:
             length = torch.full((), n5, dtype=torch.int64, device=device)
         # The one sync: the exchange needs the payload's size on the host.
-        body_length, is_finite, zero_count, cap_rejected = torch.stack(
-            [length, finite.to(torch.int64), zeros, bad_cap.to(torch.int64)]).cpu().tolist()
-        if cap_rejected:
+        read = [length, finite.to(torch.int64), zeros]
+        if scale_cap is not None:
+            read.append(invalid_scale_cap(scale_cap).to(torch.int64))
+        body_length, is_finite, zero_count, *cap_rejected = torch.stack(read).cpu().tolist()
+        if any(cap_rejected):
             raise ConfigurationError(BAD_SCALE_CAP)
         if not is_finite:
             return Encoded(buffer[:0], scales, None, False, 0)
