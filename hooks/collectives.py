@@ -40,7 +40,7 @@ class Collectives:
 
     The ``*_async`` variants return a ``Pending``; the defaults here run the blocking
     call, so a backend without asynchronous collectives still works, only without overlap.
-    ``allgather_into`` and ``reduce_scatter`` are built here on the others; a backend
+    ``allgather_into``, ``allgather_to`` and ``reduce_scatter`` are built here on the others; a backend
     overrides them where it can skip a copy (hooks/shm.py).
     """
 
@@ -101,6 +101,20 @@ class Collectives:
         megabytes costs more in page faults than the copy into it.
         """
         return out.copy_(self.allgather(tensor))
+
+    def allgather_to(self, tensor: torch.Tensor, targets: list[list[tuple[int, torch.Tensor]]],
+                     rows: torch.Tensor) -> None:
+        """``allgather`` with every rank's row copied, in pieces, to where the caller wants it.
+
+        ``targets[r]`` lists ``(start, dest)``: elements ``[start, start + dest.numel())`` of
+        rank r's flattened ``tensor`` go to ``dest``. ``rows`` (contiguous, shape (world,
+        tensor.numel())) is a buffer a backend may gather into first; one that reads its
+        peers' memory directly (hooks/shm.py) skips it, and a copy of the bucket with it.
+        """
+        gathered = self.allgather_into(tensor.reshape(-1), rows)
+        for row, pairs in zip(gathered, targets):
+            for start, dest in pairs:
+                dest.copy_(row[start:start + dest.numel()])
 
     def reduce_scatter(self, pieces: list[torch.Tensor], splits: list[int],
                        out: torch.Tensor | None = None) -> torch.Tensor:

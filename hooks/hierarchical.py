@@ -212,25 +212,32 @@ class HierarchicalTransport(Transport):
                 status, problem[:] = UNDECODABLE, [str(error)]
             row[sizes[me]:longest].zero_()
             row[-1] = status
-            rows = self.gather.allgather_into(row, self._scratch("rows", size * (longest + 1), device).view(size, -1))
-            statuses = rows[:, -1].to(torch.int64).tolist()
-            if not all_finite(statuses, "the inter-node group(s) of local rank(s) {failed} could not decode",
+            # Each row is one shard's pieces end to end: they go straight to their places in
+            # the bucket (no gathered copy on shared memory), the statuses beside it.
+            average = self._output(out, grad.numel(), device)
+            statuses = torch.empty(size, dtype=torch.float32, device=device)
+            targets = [[*self._pieces_of(shard, average), (longest, statuses[j:j + 1])]
+                       for j, shard in enumerate(shards)]
+            self.gather.allgather_to(row, targets, self._scratch("rows", size * (longest + 1), device).view(size, -1))
+            if not all_finite(statuses.to(torch.int64).tolist(),
+                              "the inter-node group(s) of local rank(s) {failed} could not decode",
                               problem[0] if problem else ""):
                 return self._not_finite(grad.numel(), device).finish()
             for memory, *commit in held:
                 memory.commit(*commit)
-            start = time.perf_counter()
-            average = self._output(out, grad.numel(), device)
-            for row_of, shard in zip(rows, shards):  # each row is one shard's pieces end to end
-                position = 0
-                for o, n in zip(shard.offsets, shard.segments):
-                    average[o:o + n].copy_(row_of[position:position + n])
-                    position += n
-            self._timed("decode", start)
             return average
 
         # finish issues the node all-gather (hooks/pipeline.py says why that matters)
         return Deferred(finish, (between,) if between is not None else (), issues_collectives=True)
+
+    @staticmethod
+    def _pieces_of(shard: Layout, bucket: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """``(position in the shard's row, where it lies in the bucket)`` of each of the shard's pieces."""
+        pairs, position = [], 0
+        for o, n in zip(shard.offsets, shard.segments):
+            pairs.append((position, bucket[o:o + n]))
+            position += n
+        return pairs
 
     def _inner(self, held: list, step):
         """Run ``step`` of the inner transport with its commits into ``held`` and its time and zeros counted here."""

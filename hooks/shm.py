@@ -90,6 +90,17 @@ def _unlink(paths: list[str]) -> None:
             pass
 
 
+def _spans(pieces: list[torch.Tensor], start: int, stop: int) -> list[tuple[int, torch.Tensor]]:
+    """Elements [start, stop) of ``pieces`` laid end to end: ``(position after start, view)`` in order."""
+    spans, position = [], 0
+    for piece in pieces:
+        low, high = max(start, position), min(stop, position + piece.numel())
+        if low < high:
+            spans.append((low - start, piece[low - position:high - position]))
+        position += piece.numel()
+    return spans
+
+
 def _bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1).contiguous().view(torch.uint8)
 
@@ -258,26 +269,57 @@ class SharedMemoryCollectives(Collectives):
         self._count(tensor, result)
         return result
 
+    def allgather_to(self, tensor: torch.Tensor, targets: list[list[tuple[int, torch.Tensor]]],
+                     rows: torch.Tensor) -> None:
+        """Copied from the peers' segments straight to the targets: ``rows`` stays untouched."""
+        if self._fallen_back:
+            self._settle()
+            return super().allgather_to(tensor, targets, rows)
+        flat = tensor.reshape(-1)
+        data = _bytes(flat)
+        barrier, half = self._publish([data], [0])
+        table = barrier.wait()
+        if not self._room_everywhere(table):
+            return super().allgather_to(tensor, targets, rows)
+        for peer, pairs in enumerate(targets):
+            source = flat if peer == self.rank else self._piece(table, peer, half, 0, data.numel()).view(flat.dtype)
+            for start, dest in pairs:
+                dest.copy_(source[start:start + dest.numel()])
+        self._count(tensor, self.world_size * data.numel())
+
     def reduce_scatter(self, pieces: list[torch.Tensor], splits: list[int],
                        out: torch.Tensor | None = None) -> torch.Tensor:
-        """Summed straight out of the peers' segments: no received copy, no staging buffer."""
+        """Summed straight out of the peers' segments: no received copy, no staging buffer.
+
+        Only the parts the peers sum are published; this rank's own part is added where
+        it lies in ``pieces``, piece by piece, in the same rank order.
+        """
         if self._fallen_back:
             self._settle()
             return self.group.reduce_scatter(pieces, splits, out)
+        pieces = [p.reshape(-1) for p in pieces]
         dtype, element = pieces[0].dtype, pieces[0].element_size()
-        offsets = [0]
-        for n in splits[:-1]:
-            offsets.append(offsets[-1] + n * element)
-        barrier, half = self._publish([_bytes(p) for p in pieces], offsets)
+        mine, begin = splits[self.rank], sum(splits[:self.rank])
+        end, total = begin + mine, sum(splits)
+        offsets, position = [], 0
+        for peer, n in enumerate(splits):  # this rank's own offset is never read
+            offsets.append(position * element)
+            position += n if peer != self.rank else 0
+        published = [_bytes(v) for _, v in _spans(pieces, 0, begin) + _spans(pieces, end, total)]
+        barrier, half = self._publish(published, offsets)
         table = barrier.wait()
         if not self._room_everywhere(table):
             return self.group.reduce_scatter(pieces, splits, out)
-        mine = splits[self.rank]
         # Offsets are whole elements from a page-aligned start, so each view is aligned.
-        rows = [self._piece(table, peer, half, self.rank, mine * element).view(dtype)
+        rows = [None if peer == self.rank else self._piece(table, peer, half, self.rank, mine * element).view(dtype)
                 for peer in range(self.world_size)]
-        self._count(sum(splits) * element, self.world_size * mine * element)
-        return sum_in_rank_order(rows, out)
+        self._count((total - mine) * element, (self.world_size - 1) * mine * element)
+        if out is None:
+            out = torch.empty(mine, dtype=dtype, device=pieces[0].device)
+        for at, own in _spans(pieces, begin, end):
+            n = own.numel()
+            sum_in_rank_order([own if row is None else row[at:at + n] for row in rows], out[at:at + n])
+        return out
 
     def _settle(self) -> None:
         """Step 1: the previous collective's copies out are done."""

@@ -8,6 +8,7 @@ arithmetic is replayed with the codec's pure functions, one scale per tensor (or
     python launch/sparsity_study.py --transport sharded --sparsity 1.9 --server-sparsity 1.0
     python launch/sparsity_study.py --transport allgather --sparsity 1.9 --warmup 200
     python launch/sparsity_study.py --transport sharded --bounded --server-cap hook --world 4
+    python launch/sparsity_study.py --model charlm --bounded --precondition 0.999 --floor 0.01
 
 The scale rule is the paper's unbounded one unless ``--bounded`` (the hook's default)
 is given; ``--server-cap hook`` adds the sharded server's cap (transports.server_scale_cap).
@@ -33,6 +34,7 @@ if __package__ in (None, ""):
 from launch.common import models
 from threelc.hooks import FLAT_TRANSPORTS
 from threelc.hooks.transports import server_scale_cap
+from threelc.wire import encode_quantized
 from threelc.quantize import (bounded_absmax, cap_scales, dequantize, quantize, quantize_with_scales,
                               scales_from_absmax, segment_absmax)
 
@@ -43,13 +45,21 @@ def blocks(numel: int, block: int) -> list[int] | None:
     return [block] * (numel // block) + ([numel % block] if numel % block else [])
 
 
-SENT = {"worker": 0, "server": 0}  # non-zero values sent by each stage (main resets it): a proxy for bytes
+SENT = {"worker": 0, "server": 0}  # non-zero values sent by each stage (main resets both)
+PAYLOAD_BYTES = {"worker": 0, "server": 0}  # the wire payloads' sizes, summed over ranks
 
 
 def compress(x: torch.Tensor, residual: torch.Tensor, sparsity: float, args, cap: torch.Tensor | None = None,
-             stage: str = "worker") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(decoded, new residual, scales) of one error-feedback stage; ``cap`` bounds each scale (bounded rule only)."""
-    compensated = x + args.residual_decay * residual
+             stage: str = "worker", divisor: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(decoded, new residual, scales) of one error-feedback stage; ``cap`` bounds each scale (bounded rule only).
+
+    ``divisor`` (variant): quantize ``x / divisor`` element by element and multiply back; the
+    residual stays in the gradient's units.
+    """
+    whole = x + args.residual_decay * residual
+    compensated = whole if divisor is None else whole / divisor
+    x = x if divisor is None else x / divisor
     segments = blocks(x.numel(), args.block)
     if args.bounded:  # the hook's default: scale bounded by this step's own maximum
         sizes = segments or [x.numel()]
@@ -60,9 +70,12 @@ def compress(x: torch.Tensor, residual: torch.Tensor, sparsity: float, args, cap
         q, scales = quantize(compensated, sparsity, segments)
     decoded = dequantize(q, scales, segments)
     SENT[stage] += int(q.count_nonzero())
+    PAYLOAD_BYTES[stage] += encode_quantized(q, scales, segments).numel()
     if args.mean_scale and bool((q != 0).any()):  # send the mean selected magnitude, not sparsity * max
         decoded = q.float() * compensated.abs()[q != 0].mean()
-    residual = compensated - decoded
+    if divisor is not None:
+        decoded = decoded * divisor
+    residual = whole - decoded
     if args.residual_clip:  # variant: bound the residual by a multiple of this step's largest input
         bound = float(x.abs().max()) * args.residual_clip
         residual = residual.clamp(-bound, bound)
@@ -70,7 +83,7 @@ def compress(x: torch.Tensor, residual: torch.Tensor, sparsity: float, args, cap
 
 
 def average(grads: list[torch.Tensor], residuals: list[torch.Tensor], server_residual: torch.Tensor,
-            sparsity: float, args) -> tuple[torch.Tensor, torch.Tensor]:
+            sparsity: float, args, divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One tensor's average over ranks; updates ``residuals`` in place, returns the server's."""
     world = len(grads)
     if args.transport == "allreduce":  # one agreed scale per tensor, summed ternaries
@@ -81,7 +94,7 @@ def average(grads: list[torch.Tensor], residuals: list[torch.Tensor], server_res
         return sum(decoded) / world, server_residual
     decoded, scales = [], []
     for rank in range(world):
-        d, residuals[rank], s = compress(grads[rank], residuals[rank], sparsity, args)
+        d, residuals[rank], s = compress(grads[rank], residuals[rank], sparsity, args, divisor=divisor)
         decoded.append(d)
         scales.append(s.reshape(-1))
     mean = sum(decoded) / world
@@ -92,7 +105,7 @@ def average(grads: list[torch.Tensor], residuals: list[torch.Tensor], server_res
         elif args.server_cap == "one-rank":  # variant: one rank's share of the average, S / N
             cap = torch.stack(scales).amax(0) / world
         mean, server_residual, _ = compress(mean, server_residual, args.server_sparsity or sparsity, args, cap,
-                                            "server")
+                                            "server", divisor)
     return mean, server_residual
 
 
@@ -120,9 +133,15 @@ def main(argv=None) -> dict:
                    help="with --bounded: cap the sharded server's scale (hook: the hook's rule)")
     p.add_argument("--smooth", type=float, default=0.0,
                    help="variant: what the optimizer gets is an EMA (this factor) of the averages")
+    p.add_argument("--precondition", type=float, default=0.0,
+                   help="variant: quantize g / sqrt(EMA, this factor, of the applied average squared), "
+                        "a per-element scale every rank knows without sending it")
+    p.add_argument("--floor", type=float, default=1e-3,
+                   help="with --precondition: the divisor is at least this x the tensor's largest")
     p.add_argument("--trace", action="store_true", help="norms every 10 steps")
     args = p.parse_args(argv)
     SENT.update(worker=0, server=0)
+    PAYLOAD_BYTES.update(worker=0, server=0)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     task = models.build(args.model, seed=args.seed)
@@ -131,6 +150,7 @@ def main(argv=None) -> dict:
     residuals = [[torch.zeros(q.numel()) for _ in range(args.world)] for q in params]
     server_residuals = [torch.zeros(q.numel()) for q in params]
     smoothed = [torch.zeros(q.numel()) for q in params]
+    mean_square = [torch.zeros(q.numel()) for q in params]  # --precondition: of what the optimizer got
     for step in range(args.steps):
         grads = []
         for rank in range(args.world):
@@ -147,11 +167,18 @@ def main(argv=None) -> dict:
             if step < args.start_iter or args.transport == "none":
                 sent.append(sum(mine) / args.world)
                 continue
-            mean, server_residuals[i] = average(mine, residuals[i], server_residuals[i], sparsity, args)
+            divisor = None
+            if args.precondition and bool(mean_square[i].any()):
+                root = mean_square[i].sqrt()
+                divisor = root.clamp_min(float(root.max()) * args.floor)
+            mean, server_residuals[i] = average(mine, residuals[i], server_residuals[i], sparsity, args, divisor)
             if args.smooth:
                 smoothed[i] = args.smooth * smoothed[i] + (1 - args.smooth) * mean
                 mean = smoothed[i]
             sent.append(mean)
+        if args.precondition:
+            for i, g in enumerate(sent):
+                mean_square[i].mul_(args.precondition).add_((1 - args.precondition) * g * g)
         for q, g in zip(params, sent):
             q.grad = g.reshape(q.shape).clone()
         opt.step()
@@ -160,7 +187,7 @@ def main(argv=None) -> dict:
             print(f"step {step} s={sparsity:.2f} |gradient|={norm(true):.3f} |applied|={norm(sent):.3f} "
                   f"|residual rank 0|={norm(r[0] for r in residuals):.3f} |server residual|={norm(server_residuals):.3f}")
     result = {k: v for k, v in vars(args).items() if k != "trace"} | task.evaluate(task.model)
-    result["nonzeros_sent"] = dict(SENT)
+    result["nonzeros_sent"], result["payload_bytes"] = dict(SENT), dict(PAYLOAD_BYTES)
     result |= {"residual_rank0": norm(r[0] for r in residuals), "server_residual": norm(server_residuals)}
     print(json.dumps(result))
     return result

@@ -42,6 +42,20 @@ def reduce_scatter_case(plain, values, rank, world):
     return pieces, splits, expected
 
 
+def allgather_to_case(collectives, plain, tensor, world):
+    """Every rank's last element and first half, placed into rows of a matrix (the rest left alone)."""
+    flat = tensor.reshape(-1)
+    n = flat.numel()
+    placed = torch.full((world, 2 + n // 2), -5, dtype=flat.dtype)
+    targets = [[(n - 1, placed[r, :1]), (0, placed[r, 2:])] for r in range(world)]
+    rows = torch.full((world, n), -7, dtype=flat.dtype)
+    collectives.allgather_to(flat, targets, rows)
+    everyone = plain.allgather(flat)
+    ok = (torch.equal(placed[:, 0], everyone[:, -1]) and bool((placed[:, 1] == -5).all())
+          and torch.equal(placed[:, 2:], everyone[:, :n // 2]))
+    return placed, rows, ok
+
+
 def exchanges(rank, world, directory):
     plain = TorchCollectives().subgroup(list(range(world)))
     shared = host_collectives(plain, directory)
@@ -59,6 +73,7 @@ def exchanges(rank, world, directory):
         b = shared.allgather(values[:2].clone())
         into = torch.full((world, *matrix.shape), -1, dtype=matrix.dtype)
         c = shared.allgather_into(matrix, into)
+        placed, rows, placed_ok = allgather_to_case(shared, plain, matrix, world)
         pieces, splits, expected = reduce_scatter_case(plain, values, rank, world)
         summed = shared.reduce_scatter(pieces, splits)
         buffer = torch.full((splits[rank],), float("nan"))
@@ -68,6 +83,7 @@ def exchanges(rank, world, directory):
         plain_b, plain_summed = plain.allgather(values[:2].clone()), plain.reduce_scatter(pieces, splits)
         out["equal"].append(torch.equal(a, plain_a) and torch.equal(gathered, plain_matrix)
                             and torch.equal(b, plain_b) and c is into and torch.equal(into, plain_matrix)
+                            and placed_ok and bool((rows == -7).all())  # shared memory skips the rows
                             and torch.equal(summed, expected) and summed_into is buffer
                             and torch.equal(buffer, expected) and torch.equal(plain_summed, expected)
                             and float(total) == sum(step + r for r in range(world)))
@@ -105,9 +121,10 @@ def no_room_on_rank_1(rank, world, directory):
             a = shared.alltoall(x, [n] * world, [n] * world)
             into = shared.allgather_into(x[:n], torch.empty(world, n))
             gathered = pending.wait()
+            *_, placed_ok = allgather_to_case(shared, plain, x[:n], world)
             plain_a, plain_gathered = plain.alltoall(x, [n] * world, [n] * world), plain.allgather(x[:n])
             plain_summed = plain.reduce_scatter([x], [n] * world)
-            equal.append(torch.equal(a, plain_a) and torch.equal(gathered, plain_gathered)
+            equal.append(placed_ok and torch.equal(a, plain_a) and torch.equal(gathered, plain_gathered)
                          and torch.equal(into, plain_gathered) and torch.equal(summed, plain_summed))
             fallen.append(shared._fallen_back)
     finally:

@@ -54,6 +54,20 @@ def test_bounded_server_cap_replays_the_hook_rule():
     assert torch.allclose(capped + capped_residual, uncapped + uncapped_residual)  # nothing lost, only held back
 
 
+def test_divisor_scales_each_element_and_loses_nothing():
+    torch.manual_seed(3)
+    x, residual = torch.randn(600), torch.randn(600) * 0.1
+    plain, plain_residual, _ = study.compress(x, residual, 1.5, _args(bounded=True))
+    # A power of two divides and multiplies back exactly: the same stage.
+    halved, halved_residual, _ = study.compress(x, residual, 1.5, _args(bounded=True), divisor=torch.full((600,), 2.0))
+    assert torch.equal(halved, plain) and torch.equal(halved_residual, plain_residual)
+    # Per element: each sent value is a multiple of its own divisor, and nothing is lost.
+    divisor = 2.0 ** torch.randint(-4, 4, (600,)).float()
+    decoded, new_residual, scales = study.compress(x, residual, 1.5, _args(bounded=True), divisor=divisor)
+    assert set((decoded / divisor).abs().unique().tolist()) == {0.0, float(scales)}
+    assert torch.allclose(decoded + new_residual, x + residual)
+
+
 def test_short_run_trains():
     result = study.main(["--transport", "allgather", "--sparsity", "1.5", "--steps", "30"])
     assert result["accuracy"] > 0.5 and result["loss"] < 2.0
