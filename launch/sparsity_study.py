@@ -34,9 +34,9 @@ if __package__ in (None, ""):
 from launch.common import models
 from threelc.hooks import FLAT_TRANSPORTS
 from threelc.hooks.transports import server_scale_cap
-from threelc.wire import encode_quantized
 from threelc.quantize import (bounded_absmax, cap_scales, dequantize, quantize, quantize_with_scales,
                               scales_from_absmax, segment_absmax)
+from threelc.wire import encode_quantized
 
 
 def blocks(numel: int, block: int) -> list[int] | None:

@@ -104,7 +104,10 @@ def elastic(tmp_path_factory):
     try:
         jobs.append(_start([], TRAIN + ["--checkpoint", str(d / "straight.pt"),
                                         "--save-params", str(d / "straight-params.pt")], d / "straight.log"))
-        jobs.append(_start(["--max-restarts=2"],
+        # The agent polls its workers every --monitor-interval seconds and stops the survivor once it
+        # sees the dead one: 2 s (default 0.1) leaves rank 0 time to report the hook's error on a loaded
+        # machine (a CI run lost that race once).
+        jobs.append(_start(["--max-restarts=2", "--monitor-interval=2"],
                            TRAIN + ["--checkpoint", str(d / "elastic.pt"), "--save-params", str(d / "elastic-params.pt"),
                                     "--fault-kill-at-step", str(KILL_AT)], d / "elastic.log"))
         # rank 1 prints its fault line after the copy is complete
